@@ -1,0 +1,323 @@
+// CPU SGD, Adam/AdamW and EMA steps: loops over the arithmetic in csrc/kernels/, fingerprints
+// of everything written computed in the same pass.
+#include <ATen/ATen.h>
+
+#include "../checks.h"
+#include "../kernels/adam.h"
+#include "../kernels/ema.h"
+#include "../kernels/fingerprint.h"
+#include "../kernels/sgd.h"
+#include "../numerics.h"
+#include "loops.h"
+#include "ops_cpu.h"
+
+// torch's vector square root on x86 (MKL VML). libtorch_cpu exports it when torch was built
+// with MKL; the weak declaration lets the extension load without it, and torch numerics then
+// refuse to run (see mkl_sqrt_available) instead of producing different bits.
+extern "C" __attribute__((weak)) void vmsSqrt(int n, const float* a, float* r, long long mode);
+
+namespace replay {
+namespace cpu {
+namespace {
+
+// The mode torch's ATen/cpu/vml.h passes: VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
+constexpr long long kTorchVmlMode = 0x00000002LL | 0x00140000LL | 0x00000100LL;
+
+using kernels::float_bits;
+using kernels::fingerprint_term;
+
+#define REPLAY_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// ---------------------------------------------------------------------------------- SGD ----
+
+struct SgdRange {
+  float* param;
+  const float* grad;
+  float* buffer;  // nullptr without momentum
+  bool first_step;
+  int64_t begin, end;
+  uint64_t* sums;  // [2]: param, buffer
+};
+
+template <bool kFused>
+REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdScalars& s) {
+  uint64_t fp_param = 0, fp_buffer = 0;
+  if (s.has_momentum) {
+    for (int64_t i = r.begin; i < r.end; ++i) {
+      float p = r.param[i], b = r.buffer[i];
+      kernels::sgd_element<kFused>(p, r.grad[i], b, r.first_step, s);
+      r.param[i] = p;
+      r.buffer[i] = b;
+      fp_param += fingerprint_term(float_bits(p), i);
+      fp_buffer += fingerprint_term(float_bits(b), i);
+    }
+  } else {
+    float unused = 0.0f;
+    for (int64_t i = r.begin; i < r.end; ++i) {
+      float p = r.param[i];
+      kernels::sgd_element<kFused>(p, r.grad[i], unused, false, s);
+      r.param[i] = p;
+      fp_param += fingerprint_term(float_bits(p), i);
+    }
+  }
+  r.sums[0] = fp_param;
+  r.sums[1] = fp_buffer;
+}
+
+REPLAY_ALWAYS_INLINE void sgd_range_impl(const SgdRange& r, const kernels::SgdScalars& s, bool fused) {
+  if (fused) {
+    sgd_range_typed<true>(r, s);
+  } else {
+    sgd_range_typed<false>(r, s);
+  }
+}
+REPLAY_CPU_MULTIVERSION(sgd_range, (const SgdRange& r, const kernels::SgdScalars& s, bool fused),
+                        (r, s, fused))
+
+// --------------------------------------------------------------------------------- Adam ----
+
+struct AdamRange {
+  float* param;
+  const float* grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* max_exp_avg_sq;  // nullptr without amsgrad
+  float neg_step_size;
+  float bias_correction2_sqrt;
+  int64_t begin, end;
+  uint64_t* sums;  // [4]: param, exp_avg, exp_avg_sq, max_exp_avg_sq
+};
+
+template <bool kFused, bool kTorchSqrt, bool kAmsgrad>
+REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::AdamScalars& s) {
+  uint64_t fp[4] = {0, 0, 0, 0};
+  float radicand[kBlockElements];
+  float root[kBlockElements];
+  for (int64_t block = r.begin; block < r.end; block += kBlockElements) {
+    const int64_t n = std::min(kBlockElements, r.end - block);
+    float* p = r.param + block;
+    const float* g = r.grad + block;
+    float* m = r.exp_avg + block;
+    float* v = r.exp_avg_sq + block;
+    float* vmax = kAmsgrad ? r.max_exp_avg_sq + block : nullptr;
+    // Pass 1: moments (and AdamW's decay, stored back into the parameter for pass 3).
+    for (int64_t j = 0; j < n; ++j) {
+      float pj = p[j], mj = m[j], vj = v[j], vmaxj = kAmsgrad ? vmax[j] : 0.0f;
+      radicand[j] = kernels::adam_moments<kFused>(pj, g[j], mj, vj, vmaxj, s);
+      p[j] = pj;
+      m[j] = mj;
+      v[j] = vj;
+      if (kAmsgrad) vmax[j] = vmaxj;
+    }
+    // Pass 2: square roots.
+    if (kTorchSqrt) {
+      vmsSqrt(static_cast<int>(n), radicand, root, kTorchVmlMode);
+    } else {
+      for (int64_t j = 0; j < n; ++j) root[j] = std::sqrt(radicand[j]);
+    }
+    // Pass 3: parameter update and fingerprints, while the block is still in L1.
+    for (int64_t j = 0; j < n; ++j) {
+      const float pj = kernels::adam_param(p[j], m[j], root[j], r.neg_step_size,
+                                           r.bias_correction2_sqrt, s.eps);
+      p[j] = pj;
+      const uint64_t index = static_cast<uint64_t>(block + j);
+      fp[0] += fingerprint_term(float_bits(pj), index);
+      fp[1] += fingerprint_term(float_bits(m[j]), index);
+      fp[2] += fingerprint_term(float_bits(v[j]), index);
+      if (kAmsgrad) fp[3] += fingerprint_term(float_bits(vmax[j]), index);
+    }
+  }
+  for (int k = 0; k < 4; ++k) r.sums[k] = fp[k];
+}
+
+template <bool kFused, bool kTorchSqrt>
+REPLAY_ALWAYS_INLINE void adam_range_amsgrad(const AdamRange& r, const kernels::AdamScalars& s) {
+  if (s.amsgrad) {
+    adam_range_typed<kFused, kTorchSqrt, true>(r, s);
+  } else {
+    adam_range_typed<kFused, kTorchSqrt, false>(r, s);
+  }
+}
+
+REPLAY_ALWAYS_INLINE void adam_range_impl(const AdamRange& r, const kernels::AdamScalars& s,
+                                          Numerics numerics) {
+  switch (numerics) {
+    case Numerics::kPortable: return adam_range_amsgrad<true, false>(r, s);
+    case Numerics::kTorchFma: return adam_range_amsgrad<true, true>(r, s);
+    case Numerics::kTorchNoFma: return adam_range_amsgrad<false, true>(r, s);
+  }
+}
+REPLAY_CPU_MULTIVERSION(adam_range,
+                        (const AdamRange& r, const kernels::AdamScalars& s, Numerics numerics),
+                        (r, s, numerics))
+
+// ---------------------------------------------------------------------------------- EMA ----
+
+REPLAY_ALWAYS_INLINE void ema_range_impl(float* average, const float* source, float weight,
+                                         int64_t begin, int64_t end, uint64_t* sum) {
+  uint64_t fp = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const float a = kernels::ema_element(average[i], source[i], weight);
+    average[i] = a;
+    fp += fingerprint_term(float_bits(a), static_cast<uint64_t>(i));
+  }
+  *sum = fp;
+}
+REPLAY_CPU_MULTIVERSION(ema_range,
+                        (float* average, const float* source, float weight, int64_t begin,
+                         int64_t end, uint64_t* sum),
+                        (average, source, weight, begin, end, sum))
+
+// ------------------------------------------------------------------- bandwidth yardstick ----
+
+// Reads and writes exactly the bytes an Adam step does (p, g, m, v in; p, m, v out) with the
+// least arithmetic: the memory-bandwidth ceiling a fused optimizer step is measured against.
+REPLAY_ALWAYS_INLINE void yardstick_range_impl(float* p, const float* g, float* m, float* v,
+                                               int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float gi = g[i];
+    p[i] += gi;
+    m[i] += gi;
+    v[i] += gi;
+  }
+}
+REPLAY_CPU_MULTIVERSION(yardstick_range,
+                        (float* p, const float* g, float* m, float* v, int64_t begin, int64_t end),
+                        (p, g, m, v, begin, end))
+
+std::vector<int64_t> numels_of(at::TensorList tensors) {
+  std::vector<int64_t> numels;
+  numels.reserve(tensors.size());
+  for (const auto& t : tensors) numels.push_back(t.numel());
+  return numels;
+}
+
+at::Tensor totals_tensor(const FingerprintTotals& totals, int64_t tensors, int64_t slots) {
+  at::Tensor out = at::empty({tensors, slots}, at::kLong);
+  totals.write_to(out.data_ptr<int64_t>());
+  return out;
+}
+
+void check_torch_sqrt(Numerics numerics) {
+  TORCH_CHECK(numerics == Numerics::kPortable || vmsSqrt != nullptr,
+              "replay: numerics='torch' needs the vector square root torch itself uses on this "
+              "CPU (MKL's vmsSqrt), and this torch build does not export it; use "
+              "numerics='portable'");
+}
+
+}  // namespace
+
+at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                        at::IntArrayRef first_step, double weight_decay, double momentum,
+                        double one_minus_dampening, double neg_lr, bool nesterov, bool maximize,
+                        int64_t numerics) {
+  const char* op = "replay::sgd_step_";
+  const Numerics mode = checked_numerics(numerics, op);
+  const bool has_momentum = momentum != 0.0;
+  check_float_list(op, "params", params, params, c10::DeviceType::CPU);
+  check_float_list(op, "grads", grads, params, c10::DeviceType::CPU);
+  if (has_momentum) {
+    check_float_list(op, "momentum_buffers", momentum_buffers, params, c10::DeviceType::CPU);
+    TORCH_CHECK(first_step.size() == params.size(), op, ": first_step needs one flag per param");
+  } else {
+    TORCH_CHECK(momentum_buffers.empty(), op, ": momentum_buffers must be empty when momentum == 0");
+  }
+  const kernels::SgdScalars s{static_cast<float>(weight_decay), static_cast<float>(momentum),
+                              static_cast<float>(one_minus_dampening), static_cast<float>(neg_lr),
+                              weight_decay != 0.0, has_momentum, nesterov, maximize};
+  const bool fused = mode != Numerics::kTorchNoFma;
+  const int64_t n = static_cast<int64_t>(params.size());
+  FingerprintTotals totals(n, 2);
+  parallel_units(make_units(numels_of(params)), [&](const WorkUnit& u) {
+    const size_t t = static_cast<size_t>(u.tensor);
+    uint64_t sums[2];
+    SgdRange r{params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
+               has_momentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
+               has_momentum && first_step[t] != 0, u.begin, u.end, sums};
+    sgd_range(r, s, fused);
+    totals.add(u.tensor, 0, sums[0]);
+    totals.add(u.tensor, 1, sums[1]);
+  });
+  return totals_tensor(totals, n, 2).narrow(1, 0, has_momentum ? 2 : 1).contiguous();
+}
+
+at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         at::ArrayRef<double> neg_step_sizes,
+                         at::ArrayRef<double> bias_correction2_sqrts, double lerp_weight,
+                         double beta2, double one_minus_beta2, double eps, double weight_decay,
+                         double decay_factor, bool decoupled, bool amsgrad, bool maximize,
+                         int64_t numerics) {
+  const char* op = "replay::adam_step_";
+  const Numerics mode = checked_numerics(numerics, op);
+  check_torch_sqrt(mode);
+  check_float_list(op, "params", params, params, c10::DeviceType::CPU);
+  check_float_list(op, "grads", grads, params, c10::DeviceType::CPU);
+  check_float_list(op, "exp_avgs", exp_avgs, params, c10::DeviceType::CPU);
+  check_float_list(op, "exp_avg_sqs", exp_avg_sqs, params, c10::DeviceType::CPU);
+  if (amsgrad) {
+    check_float_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, c10::DeviceType::CPU);
+  } else {
+    TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs must be empty without amsgrad");
+  }
+  TORCH_CHECK(neg_step_sizes.size() == params.size() && bias_correction2_sqrts.size() == params.size(),
+              op, ": neg_step_sizes and bias_correction2_sqrts need one value per param");
+  const kernels::AdamScalars s{static_cast<float>(lerp_weight),  static_cast<float>(beta2),
+                               static_cast<float>(one_minus_beta2), static_cast<float>(eps),
+                               static_cast<float>(weight_decay), static_cast<float>(decay_factor),
+                               weight_decay != 0.0, decoupled, amsgrad, maximize};
+  const int64_t n = static_cast<int64_t>(params.size());
+  const int64_t slots = amsgrad ? 4 : 3;
+  FingerprintTotals totals(n, 4);
+  parallel_units(make_units(numels_of(params)), [&](const WorkUnit& u) {
+    const size_t t = static_cast<size_t>(u.tensor);
+    uint64_t sums[4];
+    AdamRange r{params[t].data_ptr<float>(),
+                grads[t].data_ptr<float>(),
+                exp_avgs[t].data_ptr<float>(),
+                exp_avg_sqs[t].data_ptr<float>(),
+                amsgrad ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr,
+                static_cast<float>(neg_step_sizes[t]),
+                static_cast<float>(bias_correction2_sqrts[t]),
+                u.begin,
+                u.end,
+                sums};
+    adam_range(r, s, mode);
+    for (int64_t k = 0; k < slots; ++k) totals.add(u.tensor, k, sums[k]);
+  });
+  return totals_tensor(totals, n, 4).narrow(1, 0, slots).contiguous();
+}
+
+at::Tensor ema_update_cpu(at::TensorList averages, at::TensorList sources, double weight) {
+  const char* op = "replay::ema_update_";
+  check_float_list(op, "averages", averages, averages, c10::DeviceType::CPU);
+  check_float_list(op, "sources", sources, averages, c10::DeviceType::CPU);
+  const float w = static_cast<float>(weight);
+  const int64_t n = static_cast<int64_t>(averages.size());
+  FingerprintTotals totals(n, 1);
+  parallel_units(make_units(numels_of(averages)), [&](const WorkUnit& u) {
+    const size_t t = static_cast<size_t>(u.tensor);
+    uint64_t sum = 0;
+    ema_range(averages[t].data_ptr<float>(), sources[t].data_ptr<float>(), w, u.begin, u.end, &sum);
+    totals.add(u.tensor, 0, sum);
+  });
+  return totals_tensor(totals, n, 1);
+}
+
+void bandwidth_yardstick_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs) {
+  const char* op = "replay::bandwidth_yardstick_";
+  check_float_list(op, "params", params, params, c10::DeviceType::CPU);
+  check_float_list(op, "grads", grads, params, c10::DeviceType::CPU);
+  check_float_list(op, "exp_avgs", exp_avgs, params, c10::DeviceType::CPU);
+  check_float_list(op, "exp_avg_sqs", exp_avg_sqs, params, c10::DeviceType::CPU);
+  parallel_units(make_units(numels_of(params)), [&](const WorkUnit& u) {
+    const size_t t = static_cast<size_t>(u.tensor);
+    yardstick_range(params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
+                    exp_avgs[t].data_ptr<float>(), exp_avg_sqs[t].data_ptr<float>(), u.begin,
+                    u.end);
+  });
+}
+
+}  // namespace cpu
+}  // namespace replay

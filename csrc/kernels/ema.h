@@ -1,0 +1,22 @@
+// EMA per-element arithmetic.
+//
+//   average <- lerp(average, source, w),   w = 1 - decay (rounded to float once, on the host)
+//
+// with torch.lerp's two-branch formula and one FMA:
+//   w <  0.5:  average = fma(w,     source - average, average)
+//   w >= 0.5:  average = fma(w - 1, source - average, source)
+// so decay == 0 copies the source exactly and decay == 1 leaves the average untouched. This is
+// bit-identical to torch's `average.lerp_(source, w)` on an FMA-capable CPU dispatch.
+#pragma once
+
+#include "common.h"
+
+namespace replay {
+namespace kernels {
+
+REPLAY_HD float ema_element(float average, float source, float weight) {
+  return lerp<true>(average, source, weight);
+}
+
+}  // namespace kernels
+}  // namespace replay
