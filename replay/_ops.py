@@ -1,0 +1,151 @@
+"""Typed wrappers over torch.ops.replay and their fake (meta) implementations.
+
+The wrappers take the hyperparameters as torch.optim does and derive the kernel scalars on the
+host in double precision, exactly as torch.optim computes them (shared/notes/numerics.md);
+each op rounds them to float once. Every op returns the fingerprint *sums* of the tensors it
+wrote, an int64 tensor [n_tensors, n_slots]; replay.fingerprint turns sums into fingerprints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.replay)
+
+_ops = torch.ops.replay
+
+
+def fingerprint_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Wrapping 64-bit sums of position-mixed element hashes, one per tensor (contiguous,
+    1/2/4/8-byte elements), as int64 bits."""
+    return _ops.fingerprint_sums(list(tensors))
+
+
+def sgd_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    first_step: list[bool],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    numerics: int,
+) -> torch.Tensor:
+    """One SGD step over a list of tensors. Columns: param, momentum_buffer (if momentum)."""
+    return _ops.sgd_step_(
+        params,
+        grads,
+        momentum_buffers if momentum != 0 else [],
+        [int(f) for f in first_step] if momentum != 0 else [],
+        float(weight_decay),
+        float(momentum),
+        1.0 - dampening,
+        -lr,
+        bool(nesterov),
+        bool(maximize),
+        numerics,
+    )
+
+
+def adam_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+    numerics: int,
+) -> torch.Tensor:
+    """One Adam/AdamW step. `steps` holds each param's step count after increment.
+    Columns: param, exp_avg, exp_avg_sq, max_exp_avg_sq (if amsgrad)."""
+    neg_step_sizes = []
+    bias_correction2_sqrts = []
+    for step in steps:
+        # torch/optim/adam.py, _single_tensor_adam: Python floats, in this order.
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        neg_step_sizes.append(-step_size)
+        bias_correction2_sqrts.append(bias_correction2**0.5)
+    return _ops.adam_step_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs if amsgrad else [],
+        neg_step_sizes,
+        bias_correction2_sqrts,
+        1 - beta1,
+        float(beta2),
+        1 - beta2,
+        float(eps),
+        float(weight_decay),
+        1 - lr * weight_decay,
+        bool(decoupled),
+        bool(amsgrad),
+        bool(maximize),
+        numerics,
+    )
+
+
+def ema_update_(averages: list[torch.Tensor], sources: list[torch.Tensor], *, decay: float) -> torch.Tensor:
+    """average <- lerp(average, source, 1 - decay) (csrc/kernels/ema.h). Column: average."""
+    return _ops.ema_update_(averages, sources, 1.0 - decay)
+
+
+def bandwidth_yardstick_(params, grads, exp_avgs, exp_avg_sqs) -> None:
+    """p += g, m += g, v += g: the bytes of an Adam step with no arithmetic (benchmarks only)."""
+    _ops.bandwidth_yardstick_(params, grads, exp_avgs, exp_avg_sqs)
+
+
+# ---------------------------------------------------------------- fake implementations ----
+# Shapes only: used by torch.compile / FakeTensor tracing and checked by opcheck.
+
+
+def _sums_like(tensors: Sequence[torch.Tensor], slots: int) -> torch.Tensor:
+    device = tensors[0].device if len(tensors) else torch.device("cpu")
+    return torch.empty((len(tensors), slots), dtype=torch.int64, device=device)
+
+
+@torch.library.register_fake("replay::fingerprint_sums")
+def _fingerprint_sums_fake(tensors):
+    device = tensors[0].device if len(tensors) else torch.device("cpu")
+    return torch.empty((len(tensors),), dtype=torch.int64, device=device)
+
+
+@torch.library.register_fake("replay::sgd_step_")
+def _sgd_step_fake(params, grads, momentum_buffers, first_step, weight_decay, momentum,
+                   one_minus_dampening, neg_lr, nesterov, maximize, numerics):
+    return _sums_like(params, 2 if momentum != 0 else 1)
+
+
+@torch.library.register_fake("replay::adam_step_")
+def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, neg_step_sizes,
+                    bias_correction2_sqrts, lerp_weight, beta2, one_minus_beta2, eps, weight_decay,
+                    decay_factor, decoupled, amsgrad, maximize, numerics):
+    return _sums_like(params, 4 if amsgrad else 3)
+
+
+@torch.library.register_fake("replay::ema_update_")
+def _ema_update_fake(averages, sources, weight):
+    return _sums_like(averages, 1)
+
+
+@torch.library.register_fake("replay::bandwidth_yardstick_")
+def _bandwidth_yardstick_fake(params, grads, exp_avgs, exp_avg_sqs):
+    return None

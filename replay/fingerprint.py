@@ -1,0 +1,149 @@
+"""Fingerprints: 64-bit digests of a tensor's exact bits, dtype and shape.
+
+A fingerprint is computed in two stages:
+
+1. the kernel sum (csrc/kernels/fingerprint.h): S = sum_i mix(bits_i XOR i * GOLDEN) mod 2^64
+   over the elements in row-major order, where bits_i is the element's raw bit pattern
+   (1, 2, 4 or 8 bytes, zero-extended). Integer addition is order-independent, so S is the
+   same on CPU and CUDA, for any thread count, chunking or reduction order;
+2. finish(S, dtype, shape) here: S mixed with the dtype's name and every dimension.
+
+The fused optimizer and EMA kernels compute S for every tensor they write in the same pass
+over memory, so their fingerprints come at no extra memory traffic and equal
+`fingerprint(tensor)` afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from . import _ops
+
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # csrc/kernels/fingerprint.h kFingerprintGolden
+_MUL = 0xD6E8FEB86659FD93  # csrc/kernels/fingerprint.h kFingerprintMul
+_TENSOR_TAG = 0x7265706C61792D74  # "replay-t": domain separation of tensor digests
+_STATE_TAG = 0x7265706C61792D73  # "replay-s": ... and of state digests
+
+_WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _mix(x: int) -> int:
+    """The bijective 64-bit mixer of csrc/kernels/fingerprint.h, in Python."""
+    x &= _MASK
+    x ^= x >> 32
+    x = (x * _MUL) & _MASK
+    x ^= x >> 32
+    x = (x * _MUL) & _MASK
+    x ^= x >> 32
+    return x
+
+
+def element_term(bits: int, index: int) -> int:
+    """The term one element adds to a kernel sum (a pure-Python reference of the kernel)."""
+    return _mix(bits ^ ((index * _GOLDEN) & _MASK))
+
+
+def name_hash(name: str) -> int:
+    """A stable 64-bit hash of a string (unlike Python's hash(), the same in every process)."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def finish(kernel_sum: int, dtype: torch.dtype, shape: Sequence[int]) -> int:
+    """Fold a kernel sum together with dtype and shape into the final fingerprint."""
+    h = _mix((kernel_sum & _MASK) ^ _TENSOR_TAG)
+    h = _mix(h ^ name_hash(str(dtype)))
+    h = _mix(h ^ len(shape))
+    for size in shape:
+        h = _mix(h ^ int(size))
+    return h
+
+
+def _as_words(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous integer view of the tensor's bits, in row-major element order."""
+    if tensor.is_sparse or tensor.layout != torch.strided:
+        raise TypeError(f"replay.fingerprint takes dense (strided) tensors, not {tensor.layout}")
+    if tensor.is_quantized:
+        raise TypeError("replay.fingerprint does not take quantized tensors; dequantize or use int_repr()")
+    t = tensor.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t.resolve_conj())
+    else:
+        t = t.resolve_conj().resolve_neg()
+    t = t.contiguous()
+    word = _WORD_DTYPES.get(t.element_size())
+    if word is None:
+        raise TypeError(f"replay.fingerprint: unsupported dtype {tensor.dtype}")
+    return t.view(word) if t.dtype != word else t
+
+
+def fingerprint_scalar(tensor: torch.Tensor) -> int:
+    """fingerprint() of a one-element float32 CPU tensor (an optimizer's step count), without
+    a kernel call: a per-parameter op call would cost more than the step it describes."""
+    if tensor.dtype != torch.float32 or tensor.numel() != 1 or tensor.device.type != "cpu":
+        return fingerprint(tensor)
+    (bits,) = struct.unpack("<I", struct.pack("<f", tensor.item()))
+    return finish(element_term(bits, 0), tensor.dtype, tensor.shape)
+
+
+def kernel_sums(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Kernel sums (unsigned 64-bit ints) of several tensors, one op call per device."""
+    words = [_as_words(t) for t in tensors]
+    sums: list[int] = [0] * len(words)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, w in enumerate(words):
+        by_device.setdefault(w.device, []).append(i)
+    for indices in by_device.values():
+        raw = _ops.fingerprint_sums([words[i] for i in indices]).tolist()
+        for i, s in zip(indices, raw):
+            sums[i] = s & _MASK
+    return sums
+
+
+def fingerprint(tensor: torch.Tensor) -> int:
+    """A 64-bit digest of the tensor's exact bits, dtype and shape (an int in [0, 2**64)).
+
+    Identical on CPU and CUDA and for any thread count; changes when any single bit flips
+    and when two elements are swapped. Non-contiguous views are digested in logical
+    (row-major) order, so a view and its contiguous copy agree.
+    """
+    return fingerprints([tensor])[0]
+
+
+def fingerprints(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """fingerprint() of several tensors, batched into one kernel call per device."""
+    tensors = list(tensors)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"replay.fingerprint takes tensors, got {type(t).__name__}")
+    return [finish(s, t.dtype, t.shape) for s, t in zip(kernel_sums(tensors), tensors)]
+
+
+def combine_state(named_fingerprints: Iterable[tuple[str, int]]) -> int:
+    """Digest of a set of (name, fingerprint) pairs, independent of their order."""
+    total = 0
+    count = 0
+    for name, fp in named_fingerprints:
+        total = (total + _mix(name_hash(name) ^ fp)) & _MASK
+        count += 1
+    return _mix(_mix(total ^ _STATE_TAG) ^ count)
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> int:
+    """Digest of a mapping of names to tensors (a state_dict, say), independent of dict order.
+
+    Each entry's name is mixed with its tensor's fingerprint, so renaming an entry or moving a
+    tensor to another name changes the digest.
+    """
+    names = list(state.keys())
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"state_fingerprint needs string keys, got {name!r}")
+        if not isinstance(state[name], torch.Tensor):
+            raise TypeError(f"state_fingerprint: entry {name!r} is a {type(state[name]).__name__}, not a tensor")
+    fps = fingerprints([state[n] for n in names])
+    return combine_state(zip(names, fps))

@@ -1,0 +1,141 @@
+"""What replay.optim's SGD, Adam and AdamW share: argument checks, collecting the tensors of
+a step, and the fingerprints the fused kernels return."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from .. import _numerics
+from ..fingerprint import finish
+
+
+def check_param_group(optimizer_name: str, group: dict, float_keys: Sequence[str]) -> None:
+    """Refuse what the fused kernels cannot do bit for bit, with a reason."""
+    if group.get("fused"):
+        raise ValueError(
+            f"replay.optim.{optimizer_name} always runs replay's own fused kernel; fused=True would "
+            "ask for torch's fused CPU arithmetic, which differs. Leave fused unset."
+        )
+    if group.get("differentiable"):
+        raise ValueError(f"replay.optim.{optimizer_name} does not support differentiable=True")
+    if group.get("capturable"):
+        raise ValueError(f"replay.optim.{optimizer_name} does not support capturable=True")
+    for key in float_keys:
+        values = group[key] if isinstance(group[key], tuple) else (group[key],)
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"replay.optim.{optimizer_name}: {key} must be a Python number, not a Tensor "
+                    "(torch computes tensor hyperparameters with different arithmetic)"
+                )
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"replay.optim.{optimizer_name}: {key} must be finite, got {value!r}")
+    devices = {p.device for p in group["params"]}
+    if len(devices) > 1:
+        raise ValueError(f"replay.optim.{optimizer_name}: parameters on mixed devices {sorted(map(str, devices))}")
+
+
+def check_devices(optimizer_name: str, param_groups: list[dict]) -> None:
+    devices = {p.device for g in param_groups for p in g["params"]}
+    if len(devices) > 1:
+        raise ValueError(
+            f"replay.optim.{optimizer_name}: parameters on mixed devices {sorted(map(str, devices))}; "
+            "use one optimizer per device"
+        )
+
+
+def check_param_and_grad(optimizer_name: str, p: torch.Tensor) -> None:
+    grad = p.grad
+    if grad.is_sparse:
+        raise RuntimeError(f"replay.optim.{optimizer_name} does not support sparse gradients")
+    if p.is_complex() or grad.is_complex():
+        raise TypeError(f"replay.optim.{optimizer_name} does not support complex parameters or gradients")
+    if p.dtype != torch.float32 or grad.dtype != torch.float32:
+        raise TypeError(
+            f"replay.optim.{optimizer_name} takes float32 parameters and gradients, got "
+            f"{p.dtype} / {grad.dtype}"
+        )
+    if grad.device != p.device:
+        raise ValueError(f"replay.optim.{optimizer_name}: gradient on {grad.device}, parameter on {p.device}")
+    if grad.shape != p.shape:
+        raise ValueError(f"replay.optim.{optimizer_name}: gradient shape {tuple(grad.shape)} != parameter shape {tuple(p.shape)}")
+    if not p.is_contiguous():
+        raise ValueError(
+            f"replay.optim.{optimizer_name} needs contiguous parameters (got strides {p.stride()} "
+            f"for shape {tuple(p.shape)}); make the module's parameters contiguous first"
+        )
+
+
+def contiguous_grad(p: torch.Tensor) -> torch.Tensor:
+    g = p.grad
+    return g if g.is_contiguous() else g.contiguous()
+
+
+def state_indices(param_groups: list[dict]) -> dict[int, int]:
+    """id(param) -> the index torch.optim's state_dict() gives that parameter."""
+    indices: dict[int, int] = {}
+    for group in param_groups:
+        for p in group["params"]:
+            indices.setdefault(id(p), len(indices))
+    return indices
+
+
+class StepFingerprints:
+    """The fingerprint sums a fused step returned, turned into fingerprints only when asked
+    (on CUDA that is when the host waits for the device)."""
+
+    def __init__(self) -> None:
+        self._batches: list[tuple[list[int], list[torch.Tensor], list[list[tuple[str, torch.Tensor]]], torch.Tensor]] = []
+        self._cached: dict[int, dict[str, int]] | None = None
+
+    def add(self, indices: list[int], columns: list[list[tuple[str, torch.Tensor]]], sums: torch.Tensor,
+            extra: list[dict[str, int]] | None = None) -> None:
+        self._batches.append((indices, columns, sums, extra))
+        self._cached = None
+
+    def resolve(self) -> dict[int, dict[str, int]]:
+        if self._cached is None:
+            result: dict[int, dict[str, int]] = {}
+            for indices, columns, sums, extra in self._batches:
+                rows = sums.tolist()
+                for k, (index, named, row) in enumerate(zip(indices, columns, rows)):
+                    entry = {name: finish(s & ((1 << 64) - 1), t.dtype, t.shape) for (name, t), s in zip(named, row)}
+                    if extra is not None:
+                        entry.update(extra[k])
+                    result[index] = entry
+            self._cached = result
+        return self._cached
+
+
+class FusedOptimizerMixin:
+    """Shared behaviour of replay.optim optimizers (mixed into torch.optim subclasses)."""
+
+    _replay_name = "Optimizer"
+    _replay_float_keys: tuple[str, ...] = ()
+    _replay_uses_sqrt = False
+
+    def add_param_group(self, param_group: dict) -> None:  # noqa: D401 (torch's signature)
+        super().add_param_group(param_group)
+        check_param_group(self._replay_name, self.param_groups[-1], self._replay_float_keys)
+        check_devices(self._replay_name, self.param_groups)
+
+    @property
+    def fingerprints(self) -> dict[int, dict[str, int]]:
+        """Fingerprints of what the last step() wrote: {state index: {"param": fp, <state name>: fp}}.
+
+        State indices are those of state_dict(); names are the optimizer's state keys. Parameters
+        without a gradient in that step are absent.
+        """
+        return self._replay_last.resolve() if hasattr(self, "_replay_last") else {}
+
+    def _replay_numerics(self, device: torch.device) -> int:
+        return _numerics.resolve(self.numerics, device, uses_sqrt=self._replay_uses_sqrt)
+
+    def _replay_check_groups(self) -> None:
+        # Groups can change after construction (schedulers, user code): check at every step.
+        for group in self.param_groups:
+            check_param_group(self._replay_name, group, self._replay_float_keys)
