@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # No contraction of a*b+c into an FMA behind our back: every FMA in the arithmetic is explicit
 # (csrc/kernels/common.h). See shared/notes/numerics.md.
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wno-unused-function"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wno-unused-function"]
 NVCC_FLAGS = [
     "-O3",
     "-std=c++17",
