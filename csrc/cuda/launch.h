@@ -49,17 +49,19 @@ struct AdamTensors {
   const float* const* grads;
   float* const* exp_avgs;
   float* const* exp_avg_sqs;
-  float* const* max_exp_avg_sqs;        // ignored (may be nullptr) when !scalars.amsgrad
+  float* const* max_exp_avg_sqs;        // ignored (may be nullptr) without amsgrad
   const float* neg_step_sizes;          // per tensor: -lr / (1 - beta1^step)
   const float* bias_correction2_sqrts;  // per tensor: (1 - beta2^step) ** 0.5
 };
 
 // One Adam/AdamW step per element (adam_moments<true>, IEEE sqrt, adam_param). sums:
-// [count, 4] (param, exp_avg, exp_avg_sq, max_exp_avg_sq) with amsgrad, [count, 3] without.
+// [count, 4] (param, exp_avg, exp_avg_sq, max_exp_avg_sq) with amsgrad (scalars.amsgrad_mask),
+// [count, 3] without.
 cudaError_t launch_adam_step(const AdamTensors& tensors, const kernels::AdamScalars& scalars,
                              unsigned long long* sums, cudaStream_t stream);
 
-// average = lerp(average, source, weight) per element (kernels::ema_element). sums: [count, 1].
+// average = lerp(average, source, weight) per element (kernels::ema_element, with the weight
+// prepared by kernels::make_lerp_weight). sums: [count, 1].
 cudaError_t launch_ema_update(int64_t count, const int64_t* numels, float* const* averages,
                               const float* const* sources, float weight, unsigned long long* sums,
                               cudaStream_t stream);
