@@ -16,8 +16,11 @@ from torch.utils import cpp_extension
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # No contraction of a*b+c into an FMA behind our back: every FMA in the arithmetic is explicit
-# (csrc/kernels/common.h). See shared/notes/numerics.md.
-CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wno-unused-function"]
+# (csrc/kernels/common.h). See shared/notes/numerics.md. -fno-math-errno lets std::sqrt compile
+# to the (IEEE, correctly rounded) sqrt instruction instead of a libm call that may set errno;
+# -fno-trapping-math lets the vectorizer compute both sides of a branch and select (we never
+# read floating-point exception flags). Neither changes a single result bit.
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
 NVCC_FLAGS = [
     "-O3",
     "-std=c++17",

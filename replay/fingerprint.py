@@ -33,7 +33,7 @@ _WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _mix(x: int) -> int:
-    """The bijective 64-bit mixer of csrc/kernels/fingerprint.h, in Python."""
+    """A bijective 64-bit mixer (xor-shift / odd multiply rounds) for folding in metadata."""
     x &= _MASK
     x ^= x >> 32
     x = (x * _MUL) & _MASK
@@ -44,8 +44,10 @@ def _mix(x: int) -> int:
 
 
 def element_term(bits: int, index: int) -> int:
-    """The term one element adds to a kernel sum (a pure-Python reference of the kernel)."""
-    return _mix(bits ^ ((index * _GOLDEN) & _MASK))
+    """The term one element adds to a kernel sum (a pure-Python reference of
+    csrc/kernels/fingerprint.h's fingerprint_term)."""
+    y = ((bits ^ ((index * _GOLDEN) & _MASK)) * _MUL) & _MASK
+    return y ^ (y >> 32)
 
 
 def name_hash(name: str) -> int:

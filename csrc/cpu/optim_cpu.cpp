@@ -34,28 +34,33 @@ struct SgdRange {
   float* param;
   const float* grad;
   float* buffer;  // nullptr without momentum
-  bool first_step;
+  uint32_t first_step_mask;
   int64_t begin, end;
   uint64_t* sums;  // [2]: param, buffer
 };
 
 template <bool kFused>
-REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdScalars& s) {
+REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdScalars& scalars) {
+  // A local copy, as in adam_range_typed; has_momentum is fixed per loop below so that the
+  // branch on it folds away.
+  kernels::SgdScalars s = scalars;
   uint64_t fp_param = 0, fp_buffer = 0;
-  if (s.has_momentum) {
+  if (scalars.has_momentum) {
+    s.has_momentum = true;
     for (int64_t i = r.begin; i < r.end; ++i) {
       float p = r.param[i], b = r.buffer[i];
-      kernels::sgd_element<kFused>(p, r.grad[i], b, r.first_step, s);
+      kernels::sgd_element<kFused>(p, r.grad[i], b, r.first_step_mask, s);
       r.param[i] = p;
       r.buffer[i] = b;
       fp_param += fingerprint_term(float_bits(p), i);
       fp_buffer += fingerprint_term(float_bits(b), i);
     }
   } else {
+    s.has_momentum = false;
     float unused = 0.0f;
     for (int64_t i = r.begin; i < r.end; ++i) {
       float p = r.param[i];
-      kernels::sgd_element<kFused>(p, r.grad[i], unused, false, s);
+      kernels::sgd_element<kFused>(p, r.grad[i], unused, 0u, s);
       r.param[i] = p;
       fp_param += fingerprint_term(float_bits(p), i);
     }
@@ -89,17 +94,22 @@ struct AdamRange {
 };
 
 template <bool kFused, bool kTorchSqrt, bool kAmsgrad>
-REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::AdamScalars& s) {
+REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::AdamScalars& scalars) {
+  // Local copies: the stores below could alias the referenced structs as far as the compiler
+  // knows, which would keep it from hoisting the flags and vectorizing the loops.
+  const kernels::AdamScalars s = scalars;
+  const float neg_step_size = r.neg_step_size;
+  const float bias_correction2_sqrt = r.bias_correction2_sqrt;
   uint64_t fp[4] = {0, 0, 0, 0};
   float radicand[kBlockElements];
   float root[kBlockElements];
   for (int64_t block = r.begin; block < r.end; block += kBlockElements) {
     const int64_t n = std::min(kBlockElements, r.end - block);
-    float* p = r.param + block;
-    const float* g = r.grad + block;
-    float* m = r.exp_avg + block;
-    float* v = r.exp_avg_sq + block;
-    float* vmax = kAmsgrad ? r.max_exp_avg_sq + block : nullptr;
+    float* __restrict__ p = r.param + block;
+    const float* __restrict__ g = r.grad + block;
+    float* __restrict__ m = r.exp_avg + block;
+    float* __restrict__ v = r.exp_avg_sq + block;
+    float* __restrict__ vmax = kAmsgrad ? r.max_exp_avg_sq + block : nullptr;
     // Pass 1: moments (and AdamW's decay, stored back into the parameter for pass 3).
     for (int64_t j = 0; j < n; ++j) {
       float pj = p[j], mj = m[j], vj = v[j], vmaxj = kAmsgrad ? vmax[j] : 0.0f;
@@ -117,8 +127,8 @@ REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::Ad
     }
     // Pass 3: parameter update and fingerprints, while the block is still in L1.
     for (int64_t j = 0; j < n; ++j) {
-      const float pj = kernels::adam_param(p[j], m[j], root[j], r.neg_step_size,
-                                           r.bias_correction2_sqrt, s.eps);
+      const float pj = kernels::adam_param(p[j], m[j], root[j], neg_step_size,
+                                           bias_correction2_sqrt, s.eps);
       p[j] = pj;
       const uint64_t index = static_cast<uint64_t>(block + j);
       fp[0] += fingerprint_term(float_bits(pj), index);
@@ -131,8 +141,9 @@ REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::Ad
 }
 
 template <bool kFused, bool kTorchSqrt>
-REPLAY_ALWAYS_INLINE void adam_range_amsgrad(const AdamRange& r, const kernels::AdamScalars& s) {
-  if (s.amsgrad) {
+REPLAY_ALWAYS_INLINE void adam_range_amsgrad(const AdamRange& r, const kernels::AdamScalars& s,
+                                             bool amsgrad) {
+  if (amsgrad) {
     adam_range_typed<kFused, kTorchSqrt, true>(r, s);
   } else {
     adam_range_typed<kFused, kTorchSqrt, false>(r, s);
@@ -140,32 +151,35 @@ REPLAY_ALWAYS_INLINE void adam_range_amsgrad(const AdamRange& r, const kernels::
 }
 
 REPLAY_ALWAYS_INLINE void adam_range_impl(const AdamRange& r, const kernels::AdamScalars& s,
-                                          Numerics numerics) {
+                                          Numerics numerics, bool amsgrad) {
   switch (numerics) {
-    case Numerics::kPortable: return adam_range_amsgrad<true, false>(r, s);
-    case Numerics::kTorchFma: return adam_range_amsgrad<true, true>(r, s);
-    case Numerics::kTorchNoFma: return adam_range_amsgrad<false, true>(r, s);
+    case Numerics::kPortable: return adam_range_amsgrad<true, false>(r, s, amsgrad);
+    case Numerics::kTorchFma: return adam_range_amsgrad<true, true>(r, s, amsgrad);
+    case Numerics::kTorchNoFma: return adam_range_amsgrad<false, true>(r, s, amsgrad);
   }
 }
 REPLAY_CPU_MULTIVERSION(adam_range,
-                        (const AdamRange& r, const kernels::AdamScalars& s, Numerics numerics),
-                        (r, s, numerics))
+                        (const AdamRange& r, const kernels::AdamScalars& s, Numerics numerics,
+                         bool amsgrad),
+                        (r, s, numerics, amsgrad))
 
 // ---------------------------------------------------------------------------------- EMA ----
 
-REPLAY_ALWAYS_INLINE void ema_range_impl(float* average, const float* source, float weight,
+REPLAY_ALWAYS_INLINE void ema_range_impl(float* average, const float* source,
+                                         const kernels::LerpWeight& weight,
                                          int64_t begin, int64_t end, uint64_t* sum) {
+  const kernels::LerpWeight w = weight;  // a local copy, as in adam_range_typed
   uint64_t fp = 0;
   for (int64_t i = begin; i < end; ++i) {
-    const float a = kernels::ema_element(average[i], source[i], weight);
+    const float a = kernels::ema_element(average[i], source[i], w);
     average[i] = a;
     fp += fingerprint_term(float_bits(a), static_cast<uint64_t>(i));
   }
   *sum = fp;
 }
 REPLAY_CPU_MULTIVERSION(ema_range,
-                        (float* average, const float* source, float weight, int64_t begin,
-                         int64_t end, uint64_t* sum),
+                        (float* average, const float* source, const kernels::LerpWeight& weight,
+                         int64_t begin, int64_t end, uint64_t* sum),
                         (average, source, weight, begin, end, sum))
 
 // ------------------------------------------------------------------- bandwidth yardstick ----
@@ -222,9 +236,9 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   } else {
     TORCH_CHECK(momentum_buffers.empty(), op, ": momentum_buffers must be empty when momentum == 0");
   }
-  const kernels::SgdScalars s{static_cast<float>(weight_decay), static_cast<float>(momentum),
-                              static_cast<float>(one_minus_dampening), static_cast<float>(neg_lr),
-                              weight_decay != 0.0, has_momentum, nesterov, maximize};
+  const kernels::SgdScalars s = kernels::make_sgd_scalars(weight_decay, momentum,
+                                                          one_minus_dampening, neg_lr, nesterov,
+                                                          maximize);
   const bool fused = mode != Numerics::kTorchNoFma;
   const int64_t n = static_cast<int64_t>(params.size());
   FingerprintTotals totals(n, 2);
@@ -233,7 +247,7 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
     uint64_t sums[2];
     SgdRange r{params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
                has_momentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
-               has_momentum && first_step[t] != 0, u.begin, u.end, sums};
+               kernels::mask_of(has_momentum && first_step[t] != 0), u.begin, u.end, sums};
     sgd_range(r, s, fused);
     totals.add(u.tensor, 0, sums[0]);
     totals.add(u.tensor, 1, sums[1]);
@@ -262,10 +276,9 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   }
   TORCH_CHECK(neg_step_sizes.size() == params.size() && bias_correction2_sqrts.size() == params.size(),
               op, ": neg_step_sizes and bias_correction2_sqrts need one value per param");
-  const kernels::AdamScalars s{static_cast<float>(lerp_weight),  static_cast<float>(beta2),
-                               static_cast<float>(one_minus_beta2), static_cast<float>(eps),
-                               static_cast<float>(weight_decay), static_cast<float>(decay_factor),
-                               weight_decay != 0.0, decoupled, amsgrad, maximize};
+  const kernels::AdamScalars s =
+      kernels::make_adam_scalars(lerp_weight, beta2, one_minus_beta2, eps, weight_decay,
+                                 decay_factor, decoupled, amsgrad, maximize);
   const int64_t n = static_cast<int64_t>(params.size());
   const int64_t slots = amsgrad ? 4 : 3;
   FingerprintTotals totals(n, 4);
@@ -282,7 +295,7 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                 u.begin,
                 u.end,
                 sums};
-    adam_range(r, s, mode);
+    adam_range(r, s, mode, amsgrad);
     for (int64_t k = 0; k < slots; ++k) totals.add(u.tensor, k, sums[k]);
   });
   return totals_tensor(totals, n, 4).narrow(1, 0, slots).contiguous();
@@ -292,7 +305,7 @@ at::Tensor ema_update_cpu(at::TensorList averages, at::TensorList sources, doubl
   const char* op = "replay::ema_update_";
   check_float_list(op, "averages", averages, averages, c10::DeviceType::CPU);
   check_float_list(op, "sources", sources, averages, c10::DeviceType::CPU);
-  const float w = static_cast<float>(weight);
+  const kernels::LerpWeight w = kernels::make_lerp_weight(static_cast<float>(weight));
   const int64_t n = static_cast<int64_t>(averages.size());
   FingerprintTotals totals(n, 1);
   parallel_units(make_units(numels_of(averages)), [&](const WorkUnit& u) {

@@ -38,20 +38,64 @@ REPLAY_HD float madd(float a, float b, float c) {
   }
 }
 
-// torch.lerp's formula (ATen lerp_vec): for weights below one half it walks from `start`,
-// otherwise it walks back from `end`, so that weight == 1 gives `end` exactly.
+REPLAY_HD uint32_t bits_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+REPLAY_HD float float_of(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  __builtin_memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+// Option flags travel to the kernels as bit masks (all ones or zero) prepared on the host,
+// and are applied with bit operations: `select_by_mask(mask, a, b)` is exactly
+// `mask ? a : b`. The reason is speed, not value: GCC does not vectorize a ternary on a
+// scalar flag, and it turns a mask it can see being made from a bool back into one.
+REPLAY_HD uint32_t mask_of(bool condition) { return condition ? 0xFFFFFFFFu : 0u; }
+
+REPLAY_HD float select_by_mask(uint32_t mask, float a, float b) {
+  return float_of((bits_of(a) & mask) | (bits_of(b) & ~mask));
+}
+
+// x with its sign bit flipped where `sign_mask` is 0x80000000: exactly torch's neg.
+REPLAY_HD float flip_sign(uint32_t sign_mask, float x) { return float_of(bits_of(x) ^ sign_mask); }
+
+REPLAY_HD uint32_t sign_mask_of(bool negate) { return negate ? 0x80000000u : 0u; }
+
+// A lerp weight prepared on the host: torch.lerp's formula (ATen lerp_vec) walks from `start`
+// for weights below one half and back from `end` otherwise, so that weight == 1 gives `end`
+// exactly: lerp = fma(coeff, end - start, base), coeff = w or w - 1, base = start or end.
+struct LerpWeight {
+  float coeff;
+  uint32_t from_start_mask;  // all ones: base = start (|w| < 0.5)
+};
+
+REPLAY_HD LerpWeight make_lerp_weight(float weight) {
+  const bool small = weight < 0.5f && weight > -0.5f;
+  return LerpWeight{small ? weight : weight - 1.0f, mask_of(small)};
+}
+
 template <bool kFused>
-REPLAY_HD float lerp(float start, float end, float weight) {
-  const float diff = end - start;
-  return (weight < 0.5f && weight > -0.5f) ? madd<kFused>(weight, diff, start)
-                                    : madd<kFused>(weight - 1.0f, diff, end);
+REPLAY_HD float lerp(float start, float end, const LerpWeight& w) {
+  return madd<kFused>(w.coeff, end - start, select_by_mask(w.from_start_mask, start, end));
 }
 
 // torch.maximum semantics: NaN in either input propagates.
 REPLAY_HD float maximum_propagate_nan(float a, float b) {
-  if (a != a) return a;
-  if (b != b) return b;
-  return a > b ? a : b;
+  const bool a_nan = a != a;
+  const bool b_nan = b != b;
+  return a_nan ? a : (b_nan ? b : (a > b ? a : b));
 }
 
 }  // namespace kernels

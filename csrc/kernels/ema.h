@@ -14,7 +14,8 @@
 namespace replay {
 namespace kernels {
 
-REPLAY_HD float ema_element(float average, float source, float weight) {
+// `weight` comes from make_lerp_weight(static_cast<float>(1 - decay)), prepared on the host.
+REPLAY_HD float ema_element(float average, float source, const LerpWeight& weight) {
   return lerp<true>(average, source, weight);
 }
 

@@ -4,7 +4,7 @@
 // row-major order, wrapping modulo 2^64. Addition modulo 2^64 is associative and commutative,
 // so any chunking, thread count, reduction order or atomics give the same value, on CPU and
 // CUDA alike. Mixing the position into each term makes swapped elements change the sum, and
-// the mixer is a bijection on 64-bit words, so a single flipped bit always changes its term.
+// the term is a bijection of the element's bits, so a single flipped bit always changes it.
 //
 // The dtype and shape are folded in afterwards, in Python (replay/fingerprint.py), so that the
 // kernels only deal with raw element bits.
@@ -18,30 +18,16 @@ namespace kernels {
 constexpr uint64_t kFingerprintGolden = 0x9E3779B97F4A7C15ULL;
 constexpr uint64_t kFingerprintMul = 0xD6E8FEB86659FD93ULL;
 
-// A bijective 64-bit mixer (xor-shift / odd multiply rounds).
-REPLAY_HD uint64_t fingerprint_mix(uint64_t x) {
-  x ^= x >> 32;
-  x *= kFingerprintMul;
-  x ^= x >> 32;
-  x *= kFingerprintMul;
-  x ^= x >> 32;
-  return x;
-}
-
-// The term element `index` with raw bits `bits` (zero-extended to 64 bits) adds to the sum.
+// The term element `index` with raw bits `bits` (zero-extended to 64 bits) adds to the sum:
+// one odd multiply and one xor-shift, both bijections of 64-bit words, so a flipped bit always
+// changes the term. One multiply (not the two of a full mixer) because the optimizer kernels
+// hash three or four tensors per element in the same pass and the multiply is what costs.
 REPLAY_HD uint64_t fingerprint_term(uint64_t bits, uint64_t index) {
-  return fingerprint_mix(bits ^ (index * kFingerprintGolden));
+  const uint64_t y = (bits ^ (index * kFingerprintGolden)) * kFingerprintMul;
+  return y ^ (y >> 32);
 }
 
-REPLAY_HD uint64_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(static_cast<uint32_t>(__float_as_uint(x)));
-#else
-  uint32_t u;
-  __builtin_memcpy(&u, &x, sizeof(u));
-  return static_cast<uint64_t>(u);
-#endif
-}
+REPLAY_HD uint64_t float_bits(float x) { return static_cast<uint64_t>(bits_of(x)); }
 
 }  // namespace kernels
 }  // namespace replay

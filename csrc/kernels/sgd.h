@@ -7,29 +7,40 @@ namespace replay {
 namespace kernels {
 
 // Scalars are computed on the host in double, exactly as torch.optim does, and rounded to
-// float once when they enter the kernel.
+// float once (make_sgd_scalars); flags arrive as masks (see select_by_mask).
 struct SgdScalars {
   float weight_decay;        // weight_decay
   float momentum;            // momentum
   float one_minus_dampening; // 1 - dampening
   float neg_lr;              // -lr
-  bool has_weight_decay;     // weight_decay != 0: torch skips the add entirely otherwise
+  uint32_t maximize_sign;    // sign_mask_of(maximize)
+  uint32_t decay_mask;       // mask_of(weight_decay != 0): torch skips the add otherwise
+  uint32_t nesterov_mask;    // mask_of(nesterov)
   bool has_momentum;         // momentum != 0: no buffer exists otherwise
-  bool nesterov;
-  bool maximize;
 };
 
-// One element of one SGD step. `first_step` means the momentum buffer does not exist yet and
-// is initialised to the (decayed) gradient, as torch does with grad.clone().
+REPLAY_HD SgdScalars make_sgd_scalars(double weight_decay, double momentum,
+                                      double one_minus_dampening, double neg_lr, bool nesterov,
+                                      bool maximize) {
+  return SgdScalars{static_cast<float>(weight_decay), static_cast<float>(momentum),
+                    static_cast<float>(one_minus_dampening), static_cast<float>(neg_lr),
+                    sign_mask_of(maximize), mask_of(weight_decay != 0.0), mask_of(nesterov),
+                    momentum != 0.0};
+}
+
+// One element of one SGD step. `first_step_mask` (all ones) means the momentum buffer does
+// not exist yet and starts as the (decayed) gradient, as torch does with grad.clone().
+// Every option is computed and one selected, so that CPU loops vectorize.
 template <bool kFused>
-REPLAY_HD void sgd_element(float& param, float grad, float& momentum_buffer, bool first_step,
-                           const SgdScalars& s) {
-  float g = s.maximize ? -grad : grad;
-  if (s.has_weight_decay) g = madd<kFused>(param, s.weight_decay, g);
+REPLAY_HD void sgd_element(float& param, float grad, float& momentum_buffer,
+                           uint32_t first_step_mask, const SgdScalars& s) {
+  const float g_raw = flip_sign(s.maximize_sign, grad);
+  float g = select_by_mask(s.decay_mask, madd<kFused>(param, s.weight_decay, g_raw), g_raw);
   if (s.has_momentum) {
-    momentum_buffer = first_step ? g
-                                 : madd<kFused>(g, s.one_minus_dampening, momentum_buffer * s.momentum);
-    g = s.nesterov ? madd<kFused>(momentum_buffer, s.momentum, g) : momentum_buffer;
+    momentum_buffer = select_by_mask(
+        first_step_mask, g, madd<kFused>(g, s.one_minus_dampening, momentum_buffer * s.momentum));
+    g = select_by_mask(s.nesterov_mask, madd<kFused>(momentum_buffer, s.momentum, g),
+                       momentum_buffer);
   }
   param = madd<kFused>(g, s.neg_lr, param);
 }
