@@ -1,0 +1,118 @@
+"""numerics="portable": replay.optim equals a pure numpy reference of the portable recipe
+(tests/reference.py), bit for bit, and agrees with torch's fused=True CPU kernels wherever
+numerics.md says their arithmetic is the same."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import reference
+import replay
+
+SIZES = (0, 1, 7, 8, 9, 17, 33, 1000, 65537)
+STEPS = 6
+
+
+def _values(n, rng, scale):
+    x = (rng.standard_normal(n) * scale).astype(np.float32)
+    if n >= 6:
+        x[rng.integers(0, n, 6)] = np.array([0.0, -0.0, 1e-41, -3e-39, 1e12, -1.0], dtype=np.float32)
+    return x
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return np.array_equal(np.asarray(a, np.float32).view(np.int32), np.asarray(b, np.float32).view(np.int32))
+
+
+SGD_CASES = [
+    dict(lr=0.05, momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
+    for m, d, n, wd, mx in itertools.product((0.0, 0.9), (0.0, 0.2), (False, True), (0.0, 0.01), (False, True))
+    if not (m == 0 and (d or n)) and not (n and d)
+]
+ADAM_CASES = [
+    dict(lr=0.01, betas=b, eps=1e-8, weight_decay=wd, amsgrad=a, maximize=mx)
+    for b, wd, a, mx in itertools.product(((0.9, 0.999), (0.3, 0.99)), (0.0, 0.1), (False, True), (False, True))
+]
+
+
+@pytest.mark.parametrize("kw", SGD_CASES)
+def test_sgd_matches_reference(kw):
+    rng = np.random.default_rng(1)
+    init = [_values(n, rng, 1.0) for n in SIZES]
+    params = [torch.from_numpy(x.copy()).requires_grad_() for x in init]
+    opt = replay.optim.SGD(params, **kw)
+    ref_p = [x.copy() for x in init]
+    ref_buf = [None] * len(SIZES)
+    for step in range(STEPS):
+        for i, p in enumerate(params):
+            g = _values(p.numel(), rng, 0.1)
+            p.grad = torch.from_numpy(g.copy())
+            ref_p[i], ref_buf[i] = reference.sgd_step(ref_p[i], g, ref_buf[i], first=step == 0, **kw)
+        opt.step()
+    for i, p in enumerate(params):
+        assert _same_bits(p.detach().numpy(), ref_p[i]), f"param size {SIZES[i]}"
+        if kw["momentum"]:
+            assert _same_bits(opt.state[p]["momentum_buffer"].numpy(), ref_buf[i])
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["Adam", "AdamW"])
+@pytest.mark.parametrize("kw", ADAM_CASES)
+def test_adam_matches_reference(kw, decoupled):
+    rng = np.random.default_rng(2)
+    init = [_values(n, rng, 1.0) for n in SIZES]
+    params = [torch.from_numpy(x.copy()).requires_grad_() for x in init]
+    opt = (replay.optim.AdamW if decoupled else replay.optim.Adam)(params, **kw)
+    beta1, beta2 = kw["betas"]
+    ref = [[x.copy(), np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)] for x in init]
+    for step in range(1, STEPS + 1):
+        for i, p in enumerate(params):
+            g = _values(p.numel(), rng, 0.1)
+            p.grad = torch.from_numpy(g.copy())
+            ref[i] = list(reference.adam_step(
+                *ref[i][:1], g, *ref[i][1:], step=float(step), lr=kw["lr"], beta1=beta1, beta2=beta2,
+                eps=kw["eps"], weight_decay=kw["weight_decay"], decoupled=decoupled,
+                amsgrad=kw["amsgrad"], maximize=kw["maximize"]))
+        opt.step()
+    for i, p in enumerate(params):
+        state = opt.state[p]
+        assert _same_bits(p.detach().numpy(), ref[i][0]), f"param size {SIZES[i]}"
+        assert _same_bits(state["exp_avg"].numpy(), ref[i][1])
+        assert _same_bits(state["exp_avg_sq"].numpy(), ref[i][2])
+        if kw["amsgrad"]:
+            assert _same_bits(state["max_exp_avg_sq"].numpy(), ref[i][3])
+
+
+def test_reference_fma_is_exact():
+    """The reference's emulated fma is correctly rounded: it differs from mul-then-add exactly
+    where a double rounding would, and matches torch's own fused lerp on an FMA dispatch."""
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.standard_normal(200_000).astype(np.float32) for _ in range(3))
+    fused = reference.fma(a, b, c)
+    assert not _same_bits(fused, a * b + c)  # the emulation is not a plain multiply-add
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        # torch.lerp with weight < 0.5 is fma(w, end - start, start) at these capabilities.
+        start, end = torch.from_numpy(a), torch.from_numpy(b)
+        ours = reference.lerp(a, b, 0.1)
+        assert _same_bits(torch.lerp(start, end, 0.1).numpy(), ours)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="torch's fused CPU kernels contract FMAs only on AVX2/AVX-512 builds")
+@pytest.mark.parametrize("n", [8, 9, 15, 1000, 65537])
+def test_portable_agrees_with_torch_fused_outside_its_tail(n):
+    """numerics.md: torch's fused=True CPU AdamW is the portable recipe except for its last
+    n % 8 elements (a different contraction of the scalar tail)."""
+    gen = torch.Generator().manual_seed(5)
+    p0 = torch.randn(n, generator=gen)
+    a, b = p0.clone().requires_grad_(), p0.clone().requires_grad_()
+    ours = replay.optim.AdamW([a], lr=0.01)
+    theirs = torch.optim.AdamW([b], lr=0.01, fused=True)
+    for _ in range(10):
+        g = torch.randn(n, generator=gen) * 0.1
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    body = n - n % 8
+    assert torch.equal(a.detach()[:body].view(torch.int32), b.detach()[:body].view(torch.int32))
