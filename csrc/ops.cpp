@@ -4,8 +4,9 @@
 // Scalars arrive as doubles computed on the host exactly as torch.optim computes them
 // (replay/_ops.py) and are rounded to float once inside each op.
 //
-// Every op returns (or fills) per-tensor fingerprint sums: int64 bits of the wrapping 64-bit
-// sums of csrc/kernels/fingerprint.h, one column per tensor written, in schema order.
+// The optimizer and EMA ops return per-tensor fingerprint sums: int64 bits of the wrapping
+// 64-bit sums of csrc/kernels/fingerprint.h, one column per tensor written, in schema order.
+// With fingerprint=false they return a [n, 0] tensor and (on CPU) skip the hashing.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -25,14 +26,16 @@ TORCH_LIBRARY(replay, m) {
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "int[] first_step, float weight_decay, float momentum, float one_minus_dampening, "
-      "float neg_lr, bool nesterov, bool maximize, int numerics) -> Tensor");
+      "float neg_lr, bool nesterov, bool maximize, bool fingerprint, int numerics) -> Tensor");
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] neg_step_sizes, "
       "float[] bias_correction2_sqrts, float lerp_weight, float beta2, float one_minus_beta2, "
       "float eps, float weight_decay, float decay_factor, bool decoupled, bool amsgrad, "
-      "bool maximize, int numerics) -> Tensor");
-  m.def("ema_update_(Tensor(a!)[] averages, Tensor[] sources, float weight) -> Tensor");
+      "bool maximize, bool fingerprint, int numerics) -> Tensor");
+  m.def(
+      "ema_update_(Tensor(a!)[] averages, Tensor[] sources, float weight, bool fingerprint) "
+      "-> Tensor");
   m.def(
       "bandwidth_yardstick_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs) -> ()");

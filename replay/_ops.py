@@ -36,8 +36,10 @@ def sgd_step_(
     nesterov: bool,
     maximize: bool,
     numerics: int,
+    fingerprint: bool = True,
 ) -> torch.Tensor:
-    """One SGD step over a list of tensors. Columns: param, momentum_buffer (if momentum)."""
+    """One SGD step over a list of tensors. Columns: param, momentum_buffer (if momentum);
+    none with fingerprint=False."""
     return _ops.sgd_step_(
         params,
         grads,
@@ -49,6 +51,7 @@ def sgd_step_(
         -lr,
         bool(nesterov),
         bool(maximize),
+        bool(fingerprint),
         numerics,
     )
 
@@ -70,9 +73,11 @@ def adam_step_(
     amsgrad: bool,
     maximize: bool,
     numerics: int,
+    fingerprint: bool = True,
 ) -> torch.Tensor:
     """One Adam/AdamW step. `steps` holds each param's step count after increment.
-    Columns: param, exp_avg, exp_avg_sq, max_exp_avg_sq (if amsgrad)."""
+    Columns: param, exp_avg, exp_avg_sq, max_exp_avg_sq (if amsgrad); none with
+    fingerprint=False."""
     neg_step_sizes = []
     bias_correction2_sqrts = []
     for step in steps:
@@ -99,13 +104,15 @@ def adam_step_(
         bool(decoupled),
         bool(amsgrad),
         bool(maximize),
+        bool(fingerprint),
         numerics,
     )
 
 
-def ema_update_(averages: list[torch.Tensor], sources: list[torch.Tensor], *, decay: float) -> torch.Tensor:
+def ema_update_(averages: list[torch.Tensor], sources: list[torch.Tensor], *, decay: float,
+                fingerprint: bool = True) -> torch.Tensor:
     """average <- lerp(average, source, 1 - decay) (csrc/kernels/ema.h). Column: average."""
-    return _ops.ema_update_(averages, sources, 1.0 - decay)
+    return _ops.ema_update_(averages, sources, 1.0 - decay, bool(fingerprint))
 
 
 def bandwidth_yardstick_(params, grads, exp_avgs, exp_avg_sqs) -> None:
@@ -130,20 +137,20 @@ def _fingerprint_sums_fake(tensors):
 
 @torch.library.register_fake("replay::sgd_step_")
 def _sgd_step_fake(params, grads, momentum_buffers, first_step, weight_decay, momentum,
-                   one_minus_dampening, neg_lr, nesterov, maximize, numerics):
-    return _sums_like(params, 2 if momentum != 0 else 1)
+                   one_minus_dampening, neg_lr, nesterov, maximize, fingerprint, numerics):
+    return _sums_like(params, (2 if momentum != 0 else 1) if fingerprint else 0)
 
 
 @torch.library.register_fake("replay::adam_step_")
 def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, neg_step_sizes,
                     bias_correction2_sqrts, lerp_weight, beta2, one_minus_beta2, eps, weight_decay,
-                    decay_factor, decoupled, amsgrad, maximize, numerics):
-    return _sums_like(params, 4 if amsgrad else 3)
+                    decay_factor, decoupled, amsgrad, maximize, fingerprint, numerics):
+    return _sums_like(params, (4 if amsgrad else 3) if fingerprint else 0)
 
 
 @torch.library.register_fake("replay::ema_update_")
-def _ema_update_fake(averages, sources, weight):
-    return _sums_like(averages, 1)
+def _ema_update_fake(averages, sources, weight, fingerprint):
+    return _sums_like(averages, 1 if fingerprint else 0)
 
 
 @torch.library.register_fake("replay::bandwidth_yardstick_")

@@ -120,7 +120,7 @@ def run_sgd(numels, *, momentum, dampening, weight_decay, nesterov, maximize, st
         grads = [floats(n, gen) for n in numels]
         # Tensors take their first momentum step at different times.
         first = [int(step == (i % 2)) for i in range(len(numels))] if momentum else []
-        args = (first, weight_decay, momentum, 1.0 - dampening, -lr, nesterov, maximize, 0)
+        args = (first, weight_decay, momentum, 1.0 - dampening, -lr, nesterov, maximize, True, 0)
         sums_cpu = ops.sgd_step_(cpu["params"], grads, cpu["bufs"], *args)
         sums_cuda = ops.sgd_step_(cuda["params"], on_device(grads), cuda["bufs"], *args)
         assert_same_sums(sums_cpu, sums_cuda)
@@ -158,7 +158,7 @@ def run_adam(numels, *, decoupled, weight_decay, amsgrad, maximize, steps=3, lr=
         neg_step_sizes = [-lr / (1 - beta1**t) for t in steps_of]
         bc2_sqrts = [(1 - beta2**t) ** 0.5 for t in steps_of]
         args = (neg_step_sizes, bc2_sqrts, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
-                1 - lr * weight_decay, decoupled, amsgrad, maximize, 0)
+                1 - lr * weight_decay, decoupled, amsgrad, maximize, True, 0)
         sums_cpu = ops.adam_step_(cpu["params"], grads, cpu["exp_avgs"], cpu["exp_avg_sqs"],
                                   cpu["max_exp_avg_sqs"], *args)
         sums_cuda = ops.adam_step_(cuda["params"], on_device(grads), cuda["exp_avgs"],
@@ -202,8 +202,8 @@ def test_ema_update(weight):
     cuda = on_device(cpu)
     for step in range(3):
         sources = [floats(n, gen) for n in numels]
-        sums_cpu = ops.ema_update_(cpu, sources, weight)
-        sums_cuda = ops.ema_update_(cuda, on_device(sources), weight)
+        sums_cpu = ops.ema_update_(cpu, sources, weight, True)
+        sums_cuda = ops.ema_update_(cuda, on_device(sources), weight, True)
         assert_same_sums(sums_cpu, sums_cuda)
         assert sums_cpu.shape == (len(numels), 1)
         assert_same_bits(cpu, cuda, f"step {step} averages")
@@ -228,14 +228,14 @@ def test_torch_numerics_refused_on_cuda():
     g = [torch.ones(4, device=DEVICE)]
     for numerics in (1, 2):
         with pytest.raises(RuntimeError, match="numerics='torch' is a CPU-only mode"):
-            ops.sgd_step_(p, g, [], [], 0.0, 0.0, 1.0, -0.1, False, False, numerics)
+            ops.sgd_step_(p, g, [], [], 0.0, 0.0, 1.0, -0.1, False, False, True, numerics)
         with pytest.raises(RuntimeError, match="numerics='torch' is a CPU-only mode"):
             ops.adam_step_(p, g, [torch.zeros(4, device=DEVICE)], [torch.zeros(4, device=DEVICE)],
                            [], [-1e-3], [0.1], 0.1, 0.999, 1e-3, 1e-8, 0.0, 1.0, False, False,
-                           False, numerics)
+                           False, True, numerics)
     assert torch.equal(p[0].cpu(), torch.zeros(4)), "a refused step must not write"
 
 
 def test_mixed_devices_refused():
     with pytest.raises(RuntimeError, match="is on cpu"):
-        ops.ema_update_([torch.zeros(4, device=DEVICE)], [torch.zeros(4)], 0.5)
+        ops.ema_update_([torch.zeros(4, device=DEVICE)], [torch.zeros(4)], 0.5, True)

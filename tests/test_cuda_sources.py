@@ -29,7 +29,11 @@ def _load_checker():
 
 checker = _load_checker()
 
-needs_nvcc = pytest.mark.skipif(checker.find_nvcc() is None, reason="nvcc not found")
+# CI sets REPLAY_REQUIRE_NVCC=1: there a missing nvcc fails these tests instead of skipping them.
+needs_nvcc = pytest.mark.skipif(
+    checker.find_nvcc() is None and os.environ.get("REPLAY_REQUIRE_NVCC") != "1",
+    reason="nvcc not found",
+)
 
 
 def _run_tool(*args, env=None):

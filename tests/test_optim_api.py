@@ -219,3 +219,15 @@ def test_torch_numerics_refused_where_bits_cannot_be_promised(monkeypatch):
     with pytest.raises(NumericsUnavailable, match="MKL"):
         replay.optim.Adam([p], numerics="torch").step()
     replay.optim.SGD([p], numerics="torch").step()  # SGD takes no square root: still fine
+
+
+@pytest.mark.parametrize("ours,theirs,kw", PAIRS, ids=IDS)
+def test_fingerprint_false_changes_no_bits(ours, theirs, kw):
+    ma, mb = make_model(), make_model()
+    oa = ours(ma.parameters(), **kw)
+    ob = ours(mb.parameters(), fingerprint=False, **kw)
+    train(ma, oa, 4)
+    train(mb, ob, 4)
+    assert_same_model(ma, mb)
+    with pytest.raises(RuntimeError, match="fingerprint=False"):
+        ob.fingerprints

@@ -39,7 +39,7 @@ struct SgdRange {
   uint64_t* sums;  // [2]: param, buffer
 };
 
-template <bool kFused>
+template <bool kFused, bool kHash>
 REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdScalars& scalars) {
   // A local copy, as in adam_range_typed; has_momentum is fixed per loop below so that the
   // branch on it folds away.
@@ -52,8 +52,10 @@ REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdS
       kernels::sgd_element<kFused>(p, r.grad[i], b, r.first_step_mask, s);
       r.param[i] = p;
       r.buffer[i] = b;
-      fp_param += fingerprint_term(float_bits(p), i);
-      fp_buffer += fingerprint_term(float_bits(b), i);
+      if (kHash) {
+        fp_param += fingerprint_term(float_bits(p), i);
+        fp_buffer += fingerprint_term(float_bits(b), i);
+      }
     }
   } else {
     s.has_momentum = false;
@@ -62,22 +64,24 @@ REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdS
       float p = r.param[i];
       kernels::sgd_element<kFused>(p, r.grad[i], unused, 0u, s);
       r.param[i] = p;
-      fp_param += fingerprint_term(float_bits(p), i);
+      if (kHash) fp_param += fingerprint_term(float_bits(p), i);
     }
   }
   r.sums[0] = fp_param;
   r.sums[1] = fp_buffer;
 }
 
-REPLAY_ALWAYS_INLINE void sgd_range_impl(const SgdRange& r, const kernels::SgdScalars& s, bool fused) {
+REPLAY_ALWAYS_INLINE void sgd_range_impl(const SgdRange& r, const kernels::SgdScalars& s, bool fused,
+                                         bool hash) {
   if (fused) {
-    sgd_range_typed<true>(r, s);
+    hash ? sgd_range_typed<true, true>(r, s) : sgd_range_typed<true, false>(r, s);
   } else {
-    sgd_range_typed<false>(r, s);
+    hash ? sgd_range_typed<false, true>(r, s) : sgd_range_typed<false, false>(r, s);
   }
 }
-REPLAY_CPU_MULTIVERSION(sgd_range, (const SgdRange& r, const kernels::SgdScalars& s, bool fused),
-                        (r, s, fused))
+REPLAY_CPU_MULTIVERSION(sgd_range,
+                        (const SgdRange& r, const kernels::SgdScalars& s, bool fused, bool hash),
+                        (r, s, fused, hash))
 
 // --------------------------------------------------------------------------------- Adam ----
 
@@ -93,7 +97,7 @@ struct AdamRange {
   uint64_t* sums;  // [4]: param, exp_avg, exp_avg_sq, max_exp_avg_sq
 };
 
-template <bool kFused, bool kTorchSqrt, bool kAmsgrad>
+template <bool kFused, bool kTorchSqrt, bool kAmsgrad, bool kHash>
 REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::AdamScalars& scalars) {
   // Local copies: the stores below could alias the referenced structs as far as the compiler
   // knows, which would keep it from hoisting the flags and vectorizing the loops.
@@ -130,6 +134,7 @@ REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::Ad
       const float pj = kernels::adam_param(p[j], m[j], root[j], neg_step_size,
                                            bias_correction2_sqrt, s.eps);
       p[j] = pj;
+      if (!kHash) continue;
       const uint64_t index = static_cast<uint64_t>(block + j);
       fp[0] += fingerprint_term(float_bits(pj), index);
       fp[1] += fingerprint_term(float_bits(m[j]), index);
@@ -142,45 +147,47 @@ REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::Ad
 
 template <bool kFused, bool kTorchSqrt>
 REPLAY_ALWAYS_INLINE void adam_range_amsgrad(const AdamRange& r, const kernels::AdamScalars& s,
-                                             bool amsgrad) {
+                                             bool amsgrad, bool hash) {
   if (amsgrad) {
-    adam_range_typed<kFused, kTorchSqrt, true>(r, s);
+    hash ? adam_range_typed<kFused, kTorchSqrt, true, true>(r, s)
+         : adam_range_typed<kFused, kTorchSqrt, true, false>(r, s);
   } else {
-    adam_range_typed<kFused, kTorchSqrt, false>(r, s);
+    hash ? adam_range_typed<kFused, kTorchSqrt, false, true>(r, s)
+         : adam_range_typed<kFused, kTorchSqrt, false, false>(r, s);
   }
 }
 
 REPLAY_ALWAYS_INLINE void adam_range_impl(const AdamRange& r, const kernels::AdamScalars& s,
-                                          Numerics numerics, bool amsgrad) {
+                                          Numerics numerics, bool amsgrad, bool hash) {
   switch (numerics) {
-    case Numerics::kPortable: return adam_range_amsgrad<true, false>(r, s, amsgrad);
-    case Numerics::kTorchFma: return adam_range_amsgrad<true, true>(r, s, amsgrad);
-    case Numerics::kTorchNoFma: return adam_range_amsgrad<false, true>(r, s, amsgrad);
+    case Numerics::kPortable: return adam_range_amsgrad<true, false>(r, s, amsgrad, hash);
+    case Numerics::kTorchFma: return adam_range_amsgrad<true, true>(r, s, amsgrad, hash);
+    case Numerics::kTorchNoFma: return adam_range_amsgrad<false, true>(r, s, amsgrad, hash);
   }
 }
 REPLAY_CPU_MULTIVERSION(adam_range,
                         (const AdamRange& r, const kernels::AdamScalars& s, Numerics numerics,
-                         bool amsgrad),
-                        (r, s, numerics, amsgrad))
+                         bool amsgrad, bool hash),
+                        (r, s, numerics, amsgrad, hash))
 
 // ---------------------------------------------------------------------------------- EMA ----
 
 REPLAY_ALWAYS_INLINE void ema_range_impl(float* average, const float* source,
-                                         const kernels::LerpWeight& weight,
+                                         const kernels::LerpWeight& weight, bool hash,
                                          int64_t begin, int64_t end, uint64_t* sum) {
   const kernels::LerpWeight w = weight;  // a local copy, as in adam_range_typed
   uint64_t fp = 0;
   for (int64_t i = begin; i < end; ++i) {
     const float a = kernels::ema_element(average[i], source[i], w);
     average[i] = a;
-    fp += fingerprint_term(float_bits(a), static_cast<uint64_t>(i));
+    if (hash) fp += fingerprint_term(float_bits(a), static_cast<uint64_t>(i));
   }
   *sum = fp;
 }
 REPLAY_CPU_MULTIVERSION(ema_range,
                         (float* average, const float* source, const kernels::LerpWeight& weight,
-                         int64_t begin, int64_t end, uint64_t* sum),
-                        (average, source, weight, begin, end, sum))
+                         bool hash, int64_t begin, int64_t end, uint64_t* sum),
+                        (average, source, weight, hash, begin, end, sum))
 
 // ------------------------------------------------------------------- bandwidth yardstick ----
 
@@ -224,7 +231,7 @@ void check_torch_sqrt(Numerics numerics) {
 at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                         at::IntArrayRef first_step, double weight_decay, double momentum,
                         double one_minus_dampening, double neg_lr, bool nesterov, bool maximize,
-                        int64_t numerics) {
+                        bool fingerprint, int64_t numerics) {
   const char* op = "replay::sgd_step_";
   const Numerics mode = checked_numerics(numerics, op);
   const bool has_momentum = momentum != 0.0;
@@ -248,11 +255,11 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
     SgdRange r{params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
                has_momentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
                kernels::mask_of(has_momentum && first_step[t] != 0), u.begin, u.end, sums};
-    sgd_range(r, s, fused);
+    sgd_range(r, s, fused, fingerprint);
     totals.add(u.tensor, 0, sums[0]);
     totals.add(u.tensor, 1, sums[1]);
   });
-  return totals_tensor(totals, n, 2).narrow(1, 0, has_momentum ? 2 : 1).contiguous();
+  return totals_tensor(totals, n, 2).narrow(1, 0, fingerprint ? (has_momentum ? 2 : 1) : 0).contiguous();
 }
 
 at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -261,7 +268,7 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          at::ArrayRef<double> bias_correction2_sqrts, double lerp_weight,
                          double beta2, double one_minus_beta2, double eps, double weight_decay,
                          double decay_factor, bool decoupled, bool amsgrad, bool maximize,
-                         int64_t numerics) {
+                         bool fingerprint, int64_t numerics) {
   const char* op = "replay::adam_step_";
   const Numerics mode = checked_numerics(numerics, op);
   check_torch_sqrt(mode);
@@ -295,13 +302,14 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                 u.begin,
                 u.end,
                 sums};
-    adam_range(r, s, mode, amsgrad);
+    adam_range(r, s, mode, amsgrad, fingerprint);
     for (int64_t k = 0; k < slots; ++k) totals.add(u.tensor, k, sums[k]);
   });
-  return totals_tensor(totals, n, 4).narrow(1, 0, slots).contiguous();
+  return totals_tensor(totals, n, 4).narrow(1, 0, fingerprint ? slots : 0).contiguous();
 }
 
-at::Tensor ema_update_cpu(at::TensorList averages, at::TensorList sources, double weight) {
+at::Tensor ema_update_cpu(at::TensorList averages, at::TensorList sources, double weight,
+                          bool fingerprint) {
   const char* op = "replay::ema_update_";
   check_float_list(op, "averages", averages, averages, c10::DeviceType::CPU);
   check_float_list(op, "sources", sources, averages, c10::DeviceType::CPU);
@@ -311,10 +319,11 @@ at::Tensor ema_update_cpu(at::TensorList averages, at::TensorList sources, doubl
   parallel_units(make_units(numels_of(averages)), [&](const WorkUnit& u) {
     const size_t t = static_cast<size_t>(u.tensor);
     uint64_t sum = 0;
-    ema_range(averages[t].data_ptr<float>(), sources[t].data_ptr<float>(), w, u.begin, u.end, &sum);
+    ema_range(averages[t].data_ptr<float>(), sources[t].data_ptr<float>(), w, fingerprint, u.begin,
+              u.end, &sum);
     totals.add(u.tensor, 0, sum);
   });
-  return totals_tensor(totals, n, 1);
+  return totals_tensor(totals, n, 1).narrow(1, 0, fingerprint ? 1 : 0).contiguous();
 }
 
 void bandwidth_yardstick_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

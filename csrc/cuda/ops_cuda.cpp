@@ -102,10 +102,17 @@ at::Tensor fingerprint_sums_cuda(at::TensorList tensors) {
   return sums;
 }
 
+// fingerprint=false: the [n, 0] result the schema promises. The CUDA kernels hash anyway (the
+// memory traffic, not the arithmetic, bounds them); only the CPU kernels skip the work.
+at::Tensor without_sums_unless(bool fingerprint, const at::Tensor& sums) {
+  return fingerprint ? sums : sums.narrow(1, 0, 0);
+}
+
 at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads,
                          at::TensorList momentum_buffers, at::IntArrayRef first_step,
                          double weight_decay, double momentum, double one_minus_dampening,
-                         double neg_lr, bool nesterov, bool maximize, int64_t numerics) {
+                         double neg_lr, bool nesterov, bool maximize, bool fingerprint,
+                         int64_t numerics) {
   const char* op = "replay::sgd_step_";
   check_portable(numerics, op);
   const bool has_momentum = momentum != 0.0;
@@ -139,7 +146,7 @@ at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads,
                            has_momentum ? buffer_ptrs.data() : nullptr, first.get()};
   C10_CUDA_CHECK(launch_sgd_step(tensors, scalars, sum_words(sums),
                                  current_stream()));
-  return sums;
+  return without_sums_unless(fingerprint, sums);
 }
 
 at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -148,7 +155,7 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                           at::ArrayRef<double> bias_correction2_sqrts, double lerp_weight,
                           double beta2, double one_minus_beta2, double eps, double weight_decay,
                           double decay_factor, bool decoupled, bool amsgrad, bool maximize,
-                          int64_t numerics) {
+                          bool fingerprint, int64_t numerics) {
   const char* op = "replay::adam_step_";
   check_portable(numerics, op);
   check_float_list(op, "params", params, params, kCUDA);
@@ -199,10 +206,11 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                             bc2_sqrts.data()};
   C10_CUDA_CHECK(launch_adam_step(tensors, scalars, sum_words(sums),
                                   current_stream()));
-  return sums;
+  return without_sums_unless(fingerprint, sums);
 }
 
-at::Tensor ema_update_cuda(at::TensorList averages, at::TensorList sources, double weight) {
+at::Tensor ema_update_cuda(at::TensorList averages, at::TensorList sources, double weight,
+                           bool fingerprint) {
   const char* op = "replay::ema_update_";
   check_float_list(op, "averages", averages, averages, kCUDA);
   check_float_list(op, "sources", sources, averages, kCUDA);
@@ -220,7 +228,7 @@ at::Tensor ema_update_cuda(at::TensorList averages, at::TensorList sources, doub
   C10_CUDA_CHECK(launch_ema_update(n, numels.data(), average_ptrs.data(), source_ptrs.data(),
                                    static_cast<float>(weight), sum_words(sums),
                                    current_stream()));
-  return sums;
+  return without_sums_unless(fingerprint, sums);
 }
 
 void bandwidth_yardstick_cuda(at::TensorList params, at::TensorList grads,

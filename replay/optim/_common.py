@@ -130,6 +130,11 @@ class FusedOptimizerMixin:
         State indices are those of state_dict(); names are the optimizer's state keys. Parameters
         without a gradient in that step are absent.
         """
+        if not self.fingerprint:
+            raise RuntimeError(
+                f"replay.optim.{self._replay_name} was made with fingerprint=False: its steps "
+                "compute no fingerprints"
+            )
         return self._replay_last.resolve() if hasattr(self, "_replay_last") else {}
 
     def _replay_numerics(self, device: torch.device) -> int:

@@ -65,7 +65,10 @@ class _AdamFamily(FusedOptimizerMixin):
                 amsgrad=amsgrad,
                 maximize=group["maximize"],
                 numerics=self._replay_numerics(params[0].device),
+                fingerprint=self.fingerprint,
             )
+            if not self.fingerprint:
+                continue
             columns = []
             for k, p in enumerate(params):
                 named = [("param", p), ("exp_avg", exp_avgs[k]), ("exp_avg_sq", exp_avg_sqs[k])]
@@ -84,8 +87,9 @@ class Adam(_AdamFamily, torch.optim.Adam):
 
     _replay_name = "Adam"
 
-    def __init__(self, params, *args, numerics: str = "portable", **kwargs):
+    def __init__(self, params, *args, numerics: str = "portable", fingerprint: bool = True, **kwargs):
         self.numerics = _numerics.check_choice(numerics)
+        self.fingerprint = bool(fingerprint)
         super().__init__(params, *args, **kwargs)
 
 
@@ -94,6 +98,7 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
 
     _replay_name = "AdamW"
 
-    def __init__(self, params, *args, numerics: str = "portable", **kwargs):
+    def __init__(self, params, *args, numerics: str = "portable", fingerprint: bool = True, **kwargs):
         self.numerics = _numerics.check_choice(numerics)
+        self.fingerprint = bool(fingerprint)
         super().__init__(params, *args, **kwargs)

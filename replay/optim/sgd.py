@@ -13,14 +13,16 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
 
     `numerics="portable"` (default) gives the same bits on CPU and CUDA; `numerics="torch"`
     gives the bits torch.optim.SGD computes on this machine's CPU. After each step,
-    `fingerprints` holds the fingerprints of every parameter and momentum buffer written.
+    `fingerprints` holds the fingerprints of every parameter and momentum buffer written
+    (computed in the same pass over memory; `fingerprint=False` skips them).
     """
 
     _replay_name = "SGD"
     _replay_float_keys = ("lr", "momentum", "dampening", "weight_decay")
 
-    def __init__(self, params, *args, numerics: str = "portable", **kwargs):
+    def __init__(self, params, *args, numerics: str = "portable", fingerprint: bool = True, **kwargs):
         self.numerics = _numerics.check_choice(numerics)
+        self.fingerprint = bool(fingerprint)
         super().__init__(params, *args, **kwargs)
 
     @torch.no_grad()
@@ -61,7 +63,10 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
                 numerics=self._replay_numerics(params[0].device),
+                fingerprint=self.fingerprint,
             )
+            if not self.fingerprint:
+                continue
             columns = []
             for k, p in enumerate(params):
                 named = [("param", p)]
