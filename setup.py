@@ -20,7 +20,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # to the (IEEE, correctly rounded) sqrt instruction instead of a libm call that may set errno;
 # -fno-trapping-math lets the vectorizer compute both sides of a branch and select (we never
 # read floating-point exception flags). Neither changes a single result bit.
-CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
+# -fopenmp: at::parallel_for is a header template that runs serially unless OpenMP is on.
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = [
     "-O3",
     "-std=c++17",
@@ -57,8 +59,11 @@ def extension():
             "replay._C",
             sources,
             extra_compile_args={"cxx": CXX_FLAGS + ["-DREPLAY_WITH_CUDA"], "nvcc": NVCC_FLAGS},
+            extra_link_args=LINK_FLAGS,
         )
-    return cpp_extension.CppExtension("replay._C", sources, extra_compile_args={"cxx": CXX_FLAGS})
+    return cpp_extension.CppExtension(
+        "replay._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=LINK_FLAGS
+    )
 
 
 setup(

@@ -18,7 +18,7 @@ namespace cpu {
 constexpr int64_t kUnitElements = int64_t{1} << 15;
 
 // Elements per inner block: small enough that a block's scratch buffers stay in L1.
-constexpr int64_t kBlockElements = 256;
+constexpr int64_t kBlockElements = 1024;
 
 struct WorkUnit {
   int64_t tensor;

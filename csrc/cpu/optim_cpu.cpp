@@ -105,41 +105,60 @@ REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::Ad
   const float neg_step_size = r.neg_step_size;
   const float bias_correction2_sqrt = r.bias_correction2_sqrt;
   uint64_t fp[4] = {0, 0, 0, 0};
-  float radicand[kBlockElements];
-  float root[kBlockElements];
-  for (int64_t block = r.begin; block < r.end; block += kBlockElements) {
-    const int64_t n = std::min(kBlockElements, r.end - block);
-    float* __restrict__ p = r.param + block;
-    const float* __restrict__ g = r.grad + block;
-    float* __restrict__ m = r.exp_avg + block;
-    float* __restrict__ v = r.exp_avg_sq + block;
-    float* __restrict__ vmax = kAmsgrad ? r.max_exp_avg_sq + block : nullptr;
-    // Pass 1: moments (and AdamW's decay, stored back into the parameter for pass 3).
-    for (int64_t j = 0; j < n; ++j) {
-      float pj = p[j], mj = m[j], vj = v[j], vmaxj = kAmsgrad ? vmax[j] : 0.0f;
-      radicand[j] = kernels::adam_moments<kFused>(pj, g[j], mj, vj, vmaxj, s);
-      p[j] = pj;
-      m[j] = mj;
-      v[j] = vj;
-      if (kAmsgrad) vmax[j] = vmaxj;
+  auto hash = [&](int64_t index, float pj, float mj, float vj, float vmaxj) {
+    if (!kHash) return;
+    const uint64_t i = static_cast<uint64_t>(index);
+    fp[0] += fingerprint_term(float_bits(pj), i);
+    fp[1] += fingerprint_term(float_bits(mj), i);
+    fp[2] += fingerprint_term(float_bits(vj), i);
+    if (kAmsgrad) fp[3] += fingerprint_term(float_bits(vmaxj), i);
+  };
+  if constexpr (!kTorchSqrt) {
+    // Portable numerics: one loop, IEEE sqrt in line (vsqrtps).
+    float* __restrict__ p = r.param;
+    const float* __restrict__ g = r.grad;
+    float* __restrict__ m = r.exp_avg;
+    float* __restrict__ v = r.exp_avg_sq;
+    float* __restrict__ vmax = r.max_exp_avg_sq;
+    for (int64_t i = r.begin; i < r.end; ++i) {
+      float pi = p[i], mi = m[i], vi = v[i], vmaxi = kAmsgrad ? vmax[i] : 0.0f;
+      const float radicand = kernels::adam_moments<kFused>(pi, g[i], mi, vi, vmaxi, s);
+      pi = kernels::adam_param(pi, mi, std::sqrt(radicand), neg_step_size, bias_correction2_sqrt,
+                               s.eps);
+      p[i] = pi;
+      m[i] = mi;
+      v[i] = vi;
+      if (kAmsgrad) vmax[i] = vmaxi;
+      hash(i, pi, mi, vi, vmaxi);
     }
-    // Pass 2: square roots.
-    if (kTorchSqrt) {
+  } else {
+    // Torch numerics: torch's vector sqrt is a library call, so the step runs in blocks that
+    // stay in L1: moments for the block, square roots of the block, then the parameters.
+    float radicand[kBlockElements];
+    float root[kBlockElements];
+    for (int64_t block = r.begin; block < r.end; block += kBlockElements) {
+      const int64_t n = std::min(kBlockElements, r.end - block);
+      float* __restrict__ p = r.param + block;
+      const float* __restrict__ g = r.grad + block;
+      float* __restrict__ m = r.exp_avg + block;
+      float* __restrict__ v = r.exp_avg_sq + block;
+      float* __restrict__ vmax = kAmsgrad ? r.max_exp_avg_sq + block : nullptr;
+      // Moments (and AdamW's decay, stored back into the parameter for the last loop).
+      for (int64_t j = 0; j < n; ++j) {
+        float pj = p[j], mj = m[j], vj = v[j], vmaxj = kAmsgrad ? vmax[j] : 0.0f;
+        radicand[j] = kernels::adam_moments<kFused>(pj, g[j], mj, vj, vmaxj, s);
+        p[j] = pj;
+        m[j] = mj;
+        v[j] = vj;
+        if (kAmsgrad) vmax[j] = vmaxj;
+      }
       vmsSqrt(static_cast<int>(n), radicand, root, kTorchVmlMode);
-    } else {
-      for (int64_t j = 0; j < n; ++j) root[j] = std::sqrt(radicand[j]);
-    }
-    // Pass 3: parameter update and fingerprints, while the block is still in L1.
-    for (int64_t j = 0; j < n; ++j) {
-      const float pj = kernels::adam_param(p[j], m[j], root[j], neg_step_size,
-                                           bias_correction2_sqrt, s.eps);
-      p[j] = pj;
-      if (!kHash) continue;
-      const uint64_t index = static_cast<uint64_t>(block + j);
-      fp[0] += fingerprint_term(float_bits(pj), index);
-      fp[1] += fingerprint_term(float_bits(m[j]), index);
-      fp[2] += fingerprint_term(float_bits(v[j]), index);
-      if (kAmsgrad) fp[3] += fingerprint_term(float_bits(vmax[j]), index);
+      for (int64_t j = 0; j < n; ++j) {
+        const float pj = kernels::adam_param(p[j], m[j], root[j], neg_step_size,
+                                             bias_correction2_sqrt, s.eps);
+        p[j] = pj;
+        hash(block + j, pj, m[j], v[j], kAmsgrad ? vmax[j] : 0.0f);
+      }
     }
   }
   for (int k = 0; k < 4; ++k) r.sums[k] = fp[k];
@@ -193,7 +212,8 @@ REPLAY_CPU_MULTIVERSION(ema_range,
 
 // Reads and writes exactly the bytes an Adam step does (p, g, m, v in; p, m, v out) with the
 // least arithmetic: the memory-bandwidth ceiling a fused optimizer step is measured against.
-REPLAY_ALWAYS_INLINE void yardstick_range_impl(float* p, const float* g, float* m, float* v,
+REPLAY_ALWAYS_INLINE void yardstick_range_impl(float* __restrict__ p, const float* __restrict__ g,
+                                               float* __restrict__ m, float* __restrict__ v,
                                                int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     const float gi = g[i];
