@@ -14,7 +14,7 @@ import math
 import torch
 
 from . import _ops
-from .fingerprint import finish, fingerprints
+from .fingerprints import finish, fingerprints
 
 
 class EMA:

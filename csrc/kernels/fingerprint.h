@@ -6,7 +6,7 @@
 // CUDA alike. Mixing the position into each term makes swapped elements change the sum, and
 // the term is a bijection of the element's bits, so a single flipped bit always changes it.
 //
-// The dtype and shape are folded in afterwards, in Python (replay/fingerprint.py), so that the
+// The dtype and shape are folded in afterwards, in Python (replay/fingerprints.py), so that the
 // kernels only deal with raw element bits.
 #pragma once
 

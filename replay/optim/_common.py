@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _numerics
-from ..fingerprint import finish
+from ..fingerprints import finish
 
 
 def check_param_group(optimizer_name: str, group: dict, float_keys: Sequence[str]) -> None:

@@ -15,6 +15,7 @@ over memory, so their fingerprints come at no extra memory traffic and equal
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,6 +51,7 @@ def element_term(bits: int, index: int) -> int:
     return y ^ (y >> 32)
 
 
+@functools.lru_cache(maxsize=4096)
 def name_hash(name: str) -> int:
     """A stable 64-bit hash of a string (unlike Python's hash(), the same in every process)."""
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
@@ -74,9 +76,10 @@ def _as_words(tensor: torch.Tensor) -> torch.Tensor:
     t = tensor.detach()
     if t.is_complex():
         t = torch.view_as_real(t.resolve_conj())
-    else:
-        t = t.resolve_conj().resolve_neg()
-    t = t.contiguous()
+    elif t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
     word = _WORD_DTYPES.get(t.element_size())
     if word is None:
         raise TypeError(f"replay.fingerprint: unsupported dtype {tensor.dtype}")
