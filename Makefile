@@ -18,7 +18,7 @@ $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet numpy pytest ninja wheel "setuptools>=64"
+	$(PY) -m pip install --quiet numpy safetensors tqdm scikit-learn pytest ninja wheel "setuptools>=64"
 	$(PY) -m pip install --quiet --no-build-isolation -e .
 	touch $@
 

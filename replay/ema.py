@@ -31,6 +31,7 @@ class EMA:
         self.model = model
         self.module = copy.deepcopy(model).requires_grad_(False)
         self.fingerprints: dict[str, int] = {}
+        self.updates = 0  # how many update() calls wrote the averages (fingerprints are theirs)
         for name, tensor in self._pairs():
             if tensor[0].is_floating_point() and tensor[0].dtype != torch.float32:
                 raise TypeError(
@@ -79,6 +80,7 @@ class EMA:
         for (name, average), fp in zip(copied, fingerprints([a for _, a in copied])):
             result[name] = fp
         self.fingerprints = result
+        self.updates += 1
         return result
 
     def state_dict(self) -> dict[str, torch.Tensor]:

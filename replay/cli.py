@@ -1,0 +1,157 @@
+"""The `replay` command.
+
+    replay record PROGRAM --seed S --steps N --out DIR    record a run
+    replay resume DIR                                     continue a stopped recording
+    replay verify DIR [--from A] [--to B]                 replay and compare with the ledger
+    replay inspect DIR [--json]                           summary, checkpoints, order, environment
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .store import RunDir, RunError
+
+
+def _cmd_record(args) -> int:
+    from .session import RecordSession
+
+    out = RecordSession(args.program, args.out, seed=args.seed, steps=args.steps,
+                        checkpoint_every=args.checkpoint_every,
+                        checkpoint_log_spaced=True if args.log_spaced else None,
+                        progress=not args.no_progress).run()
+    with RunDir.open(out) as run:
+        last = run.ledger.last_step()
+    print(f"recorded {0 if last is None else last + 1} steps into {out}")
+    return 0
+
+
+def _cmd_resume(args) -> int:
+    from .session import RecordSession
+
+    out = RecordSession.resume(args.run, progress=not args.no_progress, allow_source_change=args.allow_source_change,
+                               allow_environment_change=args.allow_environment_change)
+    print(f"resumed and completed {out}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .session import ReplaySession
+
+    session = ReplaySession(args.run, allow_source_change=args.allow_source_change,
+                            allow_environment_change=args.allow_environment_change)
+    report = session.verify(args.start, args.end, progress=not args.no_progress)
+    if report.ok:
+        print(f"OK: steps {report.start}..{report.end - 1} replay bit for bit (restored from checkpoint {report.restored_from})")
+        return 0
+    print(report.divergence.describe())
+    return 1
+
+
+def _inspect_data(run: RunDir) -> dict:
+    m = run.manifest
+    ledger = run.ledger
+    last = ledger.last_step()
+    return {
+        "path": str(run.path),
+        "status": m["status"],
+        "program": m["program"],
+        "seed": m["seed"],
+        "steps_planned": m["steps"],
+        "steps_recorded": 0 if last is None else last + 1,
+        "batch_size": m["batch_size"],
+        "dataset_size": m["dataset_size"],
+        "order": m["order"],
+        "optimizer": m["optimizer"],
+        "rng": m["rng"],
+        "checkpoints": sorted(ledger.checkpoints()),
+        "epoch_order_hashes": {str(k): v for k, v in sorted(ledger.epochs().items())},
+        "environment": m["environment"],
+        "events": ledger.events(),
+    }
+
+
+def _cmd_inspect(args) -> int:
+    with RunDir.open(args.run) as run:
+        data = _inspect_data(run)
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    print(f"run          {data['path']} ({data['status']})")
+    print(f"program      {data['program']['reference']}  sha256 {data['program']['sha256'][:16]}")
+    print(f"seed         {data['seed']}")
+    print(f"steps        {data['steps_recorded']} recorded of {data['steps_planned']}, batch {data['batch_size']} "
+          f"of {data['dataset_size']} examples")
+    print(f"order        {json.dumps(data['order'])[:120]}")
+    print(f"optimizer    {data['optimizer']['class']} (numerics {data['optimizer']['numerics']})")
+    print(f"rng streams  {', '.join(data['rng']['streams'])}")
+    print(f"checkpoints  {data['checkpoints']}")
+    print("epoch order hashes")
+    for epoch, h in list(data["epoch_order_hashes"].items())[:20]:
+        print(f"  {epoch:>5}  {h}")
+    if len(data["epoch_order_hashes"]) > 20:
+        print(f"  ... {len(data['epoch_order_hashes'])} epochs")
+    print("environment")
+    for key, value in data["environment"].items():
+        print(f"  {key:<24} {value}")
+    if data["events"]:
+        print("events")
+        for event in data["events"]:
+            print(f"  {event}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="replay", description="Deterministic replay for PyTorch training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def allow_flags(p):
+        p.add_argument("--allow-source-change", action="store_true",
+                       help="replay although the program's source changed (recorded in the run)")
+        p.add_argument("--allow-environment-change", action="store_true",
+                       help="replay although the environment differs (recorded in the run)")
+
+    p = sub.add_parser("record", help="record a program into a new run directory")
+    p.add_argument("program", help="module:attribute or path/to/file.py:attribute")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--log-spaced", action="store_true", help="also checkpoint at steps 1, 2, 4, 8, ...")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_record)
+
+    p = sub.add_parser("resume", help="continue a recording that stopped or crashed")
+    p.add_argument("run")
+    p.add_argument("--no-progress", action="store_true")
+    allow_flags(p)
+    p.set_defaults(func=_cmd_resume)
+
+    p = sub.add_parser("verify", help="replay a run and compare every step with its ledger")
+    p.add_argument("run")
+    p.add_argument("--from", dest="start", type=int)
+    p.add_argument("--to", dest="end", type=int, help="exclusive")
+    p.add_argument("--no-progress", action="store_true")
+    allow_flags(p)
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("inspect", help="summary, checkpoints, order hashes, environment")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RunError, ValueError, FileNotFoundError, ImportError) as error:
+        print(f"replay {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

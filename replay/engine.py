@@ -1,0 +1,232 @@
+"""The engine: executes steps of a Program under an RNG contract and a data-order policy, and
+describes the training state after each step (fingerprints of every component) and as a
+checkpoint (a nested state of tensors and plain values).
+
+Step t (0-based) runs from the state after t completed steps: the policy gives its batch ids,
+torch's global generators are seeded from the contract's "dropout" stream at t, the step
+function gets a generator per other stream at t, the LR scheduler is stepped afterwards. So the
+state after step t is a function of the state before it and (program, seed, t) alone: that is
+what lets any stretch be replayed from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .ema import EMA
+from .fingerprints import combine_state, fingerprints
+from .optim._common import FusedOptimizerMixin, state_indices
+from .order import make_policy
+from .program import Program, StepContext
+from .rng import BUILTIN_STREAMS, RngContract
+from .store.encode import flatten_state
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class StepRecord:
+    """What one executed step produced (becomes a ledger row)."""
+
+    step: int
+    epoch: int
+    ids: list[int]
+    loss: float | None
+    lr: float | None
+    metrics: dict[str, float]
+    fingerprints: dict[str, dict[str, int]]
+    digest: int
+
+
+def _json_hash(obj) -> int:
+    data = json.dumps(obj, sort_keys=True, allow_nan=True).encode()
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+
+
+def nested_fingerprints(state) -> dict[str, int]:
+    """Fingerprints of a nested state (a state_dict of tensors and plain values): one per tensor,
+    by its path, plus "_structure" for everything that is not a tensor."""
+    skeleton, tensors = flatten_state(state)
+    names = sorted(tensors)
+    result = dict(zip(names, fingerprints([tensors[n] for n in names])))
+    result["_structure"] = _json_hash(skeleton)
+    return result
+
+
+def default_step(ctx: StepContext):
+    """Forward, loss, backward, optimizer step, EMA update."""
+    inputs, target = ctx.batch
+    ctx.model.train()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    loss = ctx.program.loss(ctx.model(inputs), target)
+    loss.backward()
+    ctx.optimizer.step()
+    if ctx.ema is not None:
+        ctx.ema.update()
+    return {"loss": loss}
+
+
+def _as_float(value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a step metric must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return float(value.detach().item())
+    return float(value)
+
+
+class Engine:
+    """A program's live training state and the means to advance it one step at a time."""
+
+    def __init__(self, program: Program, contract: RngContract, order_spec=None):
+        self.program = program
+        self.contract = contract
+        self.policy = make_policy(program.order if order_spec is None else order_spec,
+                                  program.dataset_size(), program.batch_size, contract)
+        self.completed = 0
+        self._build()
+
+    @classmethod
+    def contract_for(cls, program: Program, seed: int | None = None) -> RngContract:
+        streams = tuple(BUILTIN_STREAMS) + tuple(s for s in program.streams if s not in BUILTIN_STREAMS)
+        return RngContract(program.seed if seed is None else seed, streams)
+
+    def _build(self) -> None:
+        # Every factory runs with torch's generators seeded from the "init" stream.
+        torch.manual_seed(self.contract.seed("init", 0))
+        self.model = self.program.model()
+        self.optimizer = self.program.optimizer(self.model)
+        self.scheduler = self.program.scheduler(self.optimizer) if self.program.scheduler else None
+        self.ema = EMA(self.model, self.program.ema_decay) if self.program.ema_decay is not None else None
+        self.components = dict(self.program.components(self.model)) if self.program.components else {}
+
+    # ------------------------------------------------------------------------ stepping ----
+
+    def seed_step(self, step: int) -> dict[str, torch.Generator]:
+        """Seed torch's (and Python's and numpy's) global generators for step `step` from the
+        "dropout" stream; return the generators of the other streams."""
+        self.contract.seed_global(step)
+        seed = self.contract.seed("dropout", step)
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        return self.contract.generators(step)
+
+    def run_step(self) -> StepRecord:
+        t = self.completed
+        ids = list(self.policy.batch_ids(t))
+        epoch = self.policy.epoch_of(t)
+        batch = self.program.make_batch(ids)
+        generators = self.seed_step(t)
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+        ema_updates = self.ema.updates if self.ema is not None else 0
+        ctx = StepContext(step=t, epoch=epoch, ids=ids, batch=batch, model=self.model,
+                          optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
+                          components=self.components, generators=generators, program=self.program)
+        result = (self.program.step or default_step)(ctx)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.completed = t + 1
+        metrics = {}
+        if isinstance(result, torch.Tensor):
+            metrics = {"loss": _as_float(result)}
+        elif isinstance(result, dict):
+            metrics = {str(k): _as_float(v) for k, v in result.items()}
+        elif result is not None:
+            raise TypeError(f"a step function returns a dict of metrics, a loss tensor or None, not {type(result).__name__}")
+        fresh_ema = self.ema is not None and self.ema.updates != ema_updates
+        fps = self.fingerprints(fresh_ema=fresh_ema)
+        loss = metrics.pop("loss", None)
+        return StepRecord(step=t, epoch=epoch, ids=ids, loss=loss, lr=None if lr is None else float(lr),
+                          metrics=metrics, fingerprints=fps, digest=digest_of(fps))
+
+    # -------------------------------------------------------------------- description ----
+
+    def fingerprints(self, *, fresh_ema: bool = False, use_optimizer: bool = True) -> dict[str, dict[str, int]]:
+        """Fingerprints of every component of the training state, by component and tensor.
+
+        Where replay.optim's kernel fingerprinted the parameters and optimizer state in the step
+        itself, those values are used (`use_optimizer`); everything else is hashed here."""
+        opt = self.optimizer
+        from_kernel = use_optimizer and isinstance(opt, FusedOptimizerMixin) and opt.fingerprint
+        kernel = opt.fingerprints if from_kernel else {}
+        index_of = state_indices(opt.param_groups)
+        param_names = {id(p): name for name, p in self.model.named_parameters()}
+
+        model_fps: dict[str, int] = {}
+        todo = []
+        by_name = {id(p): index_of.get(id(p)) for p in self.model.parameters()}
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            index = by_name.get(id(tensor))
+            if index is not None and index in kernel and param_names.get(id(tensor)) == name:
+                model_fps[name] = kernel[index]["param"]
+            else:
+                todo.append((name, tensor))
+        model_fps.update(zip([n for n, _ in todo], fingerprints([t.detach() for _, t in todo])))
+
+        optimizer_fps: dict[str, int] = {}
+        todo = []
+        for p, state in opt.state.items():
+            index = index_of.get(id(p))
+            for key, value in state.items():
+                name = f"{index}.{key}"
+                if index in kernel and key in kernel[index]:
+                    optimizer_fps[name] = kernel[index][key]
+                elif isinstance(value, torch.Tensor):
+                    todo.append((name, value))
+                else:
+                    optimizer_fps[name] = _json_hash(value)
+        optimizer_fps.update(zip([n for n, _ in todo], fingerprints([t for _, t in todo])))
+        optimizer_fps["_groups"] = _json_hash(
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
+        )
+
+        result = {"model": model_fps, "optimizer": optimizer_fps}
+        if self.scheduler is not None:
+            result["scheduler"] = {"state": _json_hash(flatten_state(self.scheduler.state_dict())[0])}
+        if self.ema is not None:
+            if fresh_ema:
+                result["ema"] = dict(self.ema.fingerprints)
+            else:
+                state = self.ema.state_dict()
+                result["ema"] = dict(zip(state.keys(), fingerprints(list(state.values()))))
+        for name, component in self.components.items():
+            result[f"component:{name}"] = nested_fingerprints(component.state_dict())
+        return result
+
+    def state_dict(self) -> dict:
+        """The whole training state, for a checkpoint."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "completed_steps": self.completed,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "components": {name: c.state_dict() for name, c in self.components.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        missing = set(self.components) ^ set(state["components"])
+        if missing:
+            raise ValueError(f"checkpoint components {sorted(state['components'])} do not match the program's {sorted(self.components)}")
+        for name, component in self.components.items():
+            component.load_state_dict(state["components"][name])
+        self.completed = int(state["completed_steps"])
+
+
+def digest_of(fps: dict[str, dict[str, int]]) -> int:
+    """One 64-bit digest of all component fingerprints, independent of their order."""
+    return combine_state((f"{component}/{name}", fp) for component, entries in fps.items() for name, fp in entries.items())
