@@ -7,7 +7,7 @@ fingerprints of what they wrote, and fingerprints of tensors and states.
 from . import optim
 from ._numerics import NumericsUnavailable
 from .ema import EMA
-from .fingerprints import fingerprint, fingerprints, state_fingerprint
+from .fingerprinting import fingerprint, fingerprints, state_fingerprint
 
 __version__ = "0.1.0"
 

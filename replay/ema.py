@@ -3,7 +3,9 @@
     average <- lerp(average, current, 1 - decay)      (csrc/kernels/ema.h)
 
 with torch.lerp's formula and one FMA (fma(w, current - average, average) for w = 1 - decay
-below 0.5), so decay = 0 copies the model exactly and decay = 1 freezes the average.
+below 0.5, fma(w - 1, current - average, current) otherwise). For finite values decay = 0
+copies the model and decay = 1 freezes the average, except that a zero may change sign
+(0 * d + -0.0 is +0.0); an inf or NaN on either side makes the average NaN at any decay.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import torch
 
 from . import _ops
-from .fingerprints import finish, fingerprints
+from .fingerprinting import finish, fingerprints
 
 
 class EMA:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .ema import EMA
-from .fingerprints import combine_state, fingerprints
+from .fingerprinting import combine_state, fingerprints
 from .optim._common import FusedOptimizerMixin, state_indices
 from .order import make_policy
 from .program import Program, StepContext

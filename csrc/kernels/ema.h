@@ -5,8 +5,10 @@
 // with torch.lerp's two-branch formula and one FMA:
 //   w <  0.5:  average = fma(w,     source - average, average)
 //   w >= 0.5:  average = fma(w - 1, source - average, source)
-// so decay == 0 copies the source exactly and decay == 1 leaves the average untouched. This is
-// bit-identical to torch's `average.lerp_(source, w)` on an FMA-capable CPU dispatch.
+// so for finite values decay == 0 copies the source and decay == 1 leaves the average as it was
+// (up to the sign of a zero: 0 * d + -0.0 is +0.0; an inf or NaN makes the result NaN). It is
+// the formula of torch's vectorized `average.lerp_(source, w)` on an FMA-capable CPU dispatch
+// (torch's scalar tail can differ in the sign of a zero).
 #pragma once
 
 #include "common.h"

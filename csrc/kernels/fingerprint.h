@@ -6,7 +6,7 @@
 // CUDA alike. Mixing the position into each term makes swapped elements change the sum, and
 // the term is a bijection of the element's bits, so a single flipped bit always changes it.
 //
-// The dtype and shape are folded in afterwards, in Python (replay/fingerprints.py), so that the
+// The dtype and shape are folded in afterwards, in Python (replay/fingerprinting.py), so that the
 // kernels only deal with raw element bits.
 #pragma once
 
@@ -19,11 +19,16 @@ constexpr uint64_t kFingerprintGolden = 0x9E3779B97F4A7C15ULL;
 constexpr uint64_t kFingerprintMul = 0xD6E8FEB86659FD93ULL;
 
 // The term element `index` with raw bits `bits` (zero-extended to 64 bits) adds to the sum:
-// one odd multiply and one xor-shift, both bijections of 64-bit words, so a flipped bit always
-// changes the term. One multiply (not the two of a full mixer) because the optimizer kernels
-// hash three or four tensors per element in the same pass and the multiply is what costs.
+// xor-shift, odd multiply, xor-shift, each a bijection of 64-bit words, so a flipped bit always
+// changes the term. The first xor-shift matters: a multiply only carries changes upwards, so
+// without it a flip of a high bit (the sign of a float64) would change every term by one of a
+// handful of values, and two such flips could cancel in the sum. One multiply (not the two of
+// a full mixer) because the optimizer kernels hash three or four tensors per element in the
+// same pass and the multiply is what costs.
 REPLAY_HD uint64_t fingerprint_term(uint64_t bits, uint64_t index) {
-  const uint64_t y = (bits ^ (index * kFingerprintGolden)) * kFingerprintMul;
+  uint64_t x = bits ^ (index * kFingerprintGolden);
+  x ^= x >> 32;
+  const uint64_t y = x * kFingerprintMul;
   return y ^ (y >> 32);
 }
 

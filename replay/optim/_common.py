@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _numerics
-from ..fingerprints import finish
+from ..fingerprinting import finish
 
 
 def check_param_group(optimizer_name: str, group: dict, float_keys: Sequence[str]) -> None:

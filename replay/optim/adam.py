@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _numerics, _ops
-from ..fingerprints import fingerprint_scalar
+from ..fingerprinting import fingerprint_scalar
 from ._common import FusedOptimizerMixin, StepFingerprints, check_param_and_grad, contiguous_grad, state_indices
 
 

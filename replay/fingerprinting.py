@@ -47,7 +47,9 @@ def _mix(x: int) -> int:
 def element_term(bits: int, index: int) -> int:
     """The term one element adds to a kernel sum (a pure-Python reference of
     csrc/kernels/fingerprint.h's fingerprint_term)."""
-    y = ((bits ^ ((index * _GOLDEN) & _MASK)) * _MUL) & _MASK
+    x = bits ^ ((index * _GOLDEN) & _MASK)
+    x ^= x >> 32
+    y = (x * _MUL) & _MASK
     return y ^ (y >> 32)
 
 
@@ -75,7 +77,7 @@ def _as_words(tensor: torch.Tensor) -> torch.Tensor:
         raise TypeError("replay.fingerprint does not take quantized tensors; dequantize or use int_repr()")
     t = tensor.detach()
     if t.is_complex():
-        t = torch.view_as_real(t.resolve_conj())
+        t = torch.view_as_real(t.resolve_conj().resolve_neg())
     elif t.is_neg():
         t = t.resolve_neg()
     if not t.is_contiguous():
