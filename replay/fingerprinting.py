@@ -44,11 +44,13 @@ def _mix(x: int) -> int:
     return x
 
 
-def element_term(bits: int, index: int) -> int:
-    """The term one element adds to a kernel sum (a pure-Python reference of
-    csrc/kernels/fingerprint.h's fingerprint_term)."""
+def element_term(bits: int, index: int, width: int = 4) -> int:
+    """The term one element of `width` bytes adds to a kernel sum: a pure-Python reference of
+    csrc/kernels/fingerprint.h (fingerprint_term32 for 1, 2 or 4-byte words, fingerprint_term64
+    for 8-byte words)."""
     x = bits ^ ((index * _GOLDEN) & _MASK)
-    x ^= x >> 32
+    if width == 8:
+        x ^= x >> 32
     y = (x * _MUL) & _MASK
     return y ^ (y >> 32)
 
@@ -94,7 +96,7 @@ def fingerprint_scalar(tensor: torch.Tensor) -> int:
     if tensor.dtype != torch.float32 or tensor.numel() != 1 or tensor.device.type != "cpu":
         return fingerprint(tensor)
     (bits,) = struct.unpack("<I", struct.pack("<f", tensor.item()))
-    return finish(element_term(bits, 0), tensor.dtype, tensor.shape)
+    return finish(element_term(bits, 0, 4), tensor.dtype, tensor.shape)
 
 
 def kernel_sums(tensors: Sequence[torch.Tensor]) -> list[int]:

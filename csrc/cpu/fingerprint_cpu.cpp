@@ -1,4 +1,4 @@
-// CPU fingerprint sums: the wrapping sum of fingerprint_term over each tensor's elements.
+// CPU fingerprint sums: the wrapping sum of fingerprint_word_term over each tensor's elements.
 #include <ATen/ATen.h>
 
 #include "../kernels/fingerprint.h"
@@ -14,7 +14,7 @@ inline __attribute__((always_inline)) void fingerprint_range_impl(const Word* da
                                                                   int64_t end, uint64_t* out) {
   uint64_t acc = 0;
   for (int64_t i = begin; i < end; ++i) {
-    acc += kernels::fingerprint_term(static_cast<uint64_t>(data[i]), static_cast<uint64_t>(i));
+    acc += kernels::fingerprint_word_term(data[i], static_cast<uint64_t>(i));
   }
   *out = acc;
 }

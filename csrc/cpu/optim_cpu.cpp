@@ -23,8 +23,7 @@ namespace {
 // The mode torch's ATen/cpu/vml.h passes: VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
 constexpr long long kTorchVmlMode = 0x00000002LL | 0x00140000LL | 0x00000100LL;
 
-using kernels::float_bits;
-using kernels::fingerprint_term;
+using kernels::float_term;
 
 #define REPLAY_ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -53,8 +52,8 @@ REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdS
       r.param[i] = p;
       r.buffer[i] = b;
       if (kHash) {
-        fp_param += fingerprint_term(float_bits(p), i);
-        fp_buffer += fingerprint_term(float_bits(b), i);
+        fp_param += float_term(p, i);
+        fp_buffer += float_term(b, i);
       }
     }
   } else {
@@ -64,7 +63,7 @@ REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdS
       float p = r.param[i];
       kernels::sgd_element<kFused>(p, r.grad[i], unused, 0u, s);
       r.param[i] = p;
-      if (kHash) fp_param += fingerprint_term(float_bits(p), i);
+      if (kHash) fp_param += float_term(p, i);
     }
   }
   r.sums[0] = fp_param;
@@ -108,10 +107,10 @@ REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::Ad
   auto hash = [&](int64_t index, float pj, float mj, float vj, float vmaxj) {
     if (!kHash) return;
     const uint64_t i = static_cast<uint64_t>(index);
-    fp[0] += fingerprint_term(float_bits(pj), i);
-    fp[1] += fingerprint_term(float_bits(mj), i);
-    fp[2] += fingerprint_term(float_bits(vj), i);
-    if (kAmsgrad) fp[3] += fingerprint_term(float_bits(vmaxj), i);
+    fp[0] += float_term(pj, i);
+    fp[1] += float_term(mj, i);
+    fp[2] += float_term(vj, i);
+    if (kAmsgrad) fp[3] += float_term(vmaxj, i);
   };
   if constexpr (!kTorchSqrt) {
     // Portable numerics: one loop, IEEE sqrt in line (vsqrtps).
@@ -199,7 +198,7 @@ REPLAY_ALWAYS_INLINE void ema_range_impl(float* average, const float* source,
   for (int64_t i = begin; i < end; ++i) {
     const float a = kernels::ema_element(average[i], source[i], w);
     average[i] = a;
-    if (hash) fp += fingerprint_term(float_bits(a), static_cast<uint64_t>(i));
+    if (hash) fp += float_term(a, static_cast<uint64_t>(i));
   }
   *sum = fp;
 }

@@ -28,8 +28,8 @@ namespace replay {
 namespace cuda {
 namespace {
 
-using kernels::float_bits;
-using kernels::fingerprint_term;
+using kernels::float_term;
+using kernels::fingerprint_word_term;
 
 // Every kernel is launched with exactly kBlockThreads threads, and the element loops stride by
 // this constant rather than blockDim.x: their trip counts then need no integer division.
@@ -146,7 +146,7 @@ __device__ __forceinline__ uint64_t fingerprint_chunk(const void* data, int64_t 
   uint64_t acc = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kBlockThreads) {
     // Unsigned words: zero-extended to 64 bits, exactly as the CPU kernel reads them.
-    acc += fingerprint_term(static_cast<uint64_t>(words[i]), static_cast<uint64_t>(i));
+    acc += fingerprint_word_term(words[i], static_cast<uint64_t>(i));
   }
   return acc;
 }
@@ -183,10 +183,10 @@ __global__ void __launch_bounds__(kBlockThreads)
     float b = kMomentum ? buffer[i] : 0.0f;
     kernels::sgd_element<true>(p, grad[i], b, first_step_mask, scalars);
     param[i] = p;
-    partial[0] += fingerprint_term(float_bits(p), static_cast<uint64_t>(i));
+    partial[0] += float_term(p, static_cast<uint64_t>(i));
     if (kMomentum) {
       buffer[i] = b;
-      partial[kSlots - 1] += fingerprint_term(float_bits(b), static_cast<uint64_t>(i));
+      partial[kSlots - 1] += float_term(b, static_cast<uint64_t>(i));
     }
   }
   block_add_sums<kSlots>(partial, sums, meta.row[c.slot]);
@@ -219,12 +219,12 @@ __global__ void __launch_bounds__(kBlockThreads)
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
     const uint64_t index = static_cast<uint64_t>(i);
-    partial[0] += fingerprint_term(float_bits(p), index);
-    partial[1] += fingerprint_term(float_bits(m), index);
-    partial[2] += fingerprint_term(float_bits(v), index);
+    partial[0] += float_term(p, index);
+    partial[1] += float_term(m, index);
+    partial[2] += float_term(v, index);
     if (kAmsgrad) {
       max_exp_avg_sq[i] = vmax;
-      partial[kSlots - 1] += fingerprint_term(float_bits(vmax), index);
+      partial[kSlots - 1] += float_term(vmax, index);
     }
   }
   block_add_sums<kSlots>(partial, sums, meta.row[c.slot]);
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kBlockThreads) {
     const float a = kernels::ema_element(average[i], source[i], weight);
     average[i] = a;
-    partial[0] += fingerprint_term(float_bits(a), static_cast<uint64_t>(i));
+    partial[0] += float_term(a, static_cast<uint64_t>(i));
   }
   block_add_sums<1>(partial, sums, meta.row[c.slot]);
 }

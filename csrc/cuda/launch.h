@@ -22,7 +22,7 @@
 namespace replay {
 namespace cuda {
 
-// sums[t] += fingerprint_term(word_i, i) over the elements of tensor t, read as unsigned
+// sums[t] += fingerprint_word_term(word_i, i) over the elements of tensor t, read as unsigned
 // integers of element_sizes[t] bytes (1, 2, 4 or 8).
 cudaError_t launch_fingerprint_sums(int64_t count, const void* const* data, const int64_t* numels,
                                     const int64_t* element_sizes, unsigned long long* sums,

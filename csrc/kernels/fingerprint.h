@@ -18,21 +18,40 @@ namespace kernels {
 constexpr uint64_t kFingerprintGolden = 0x9E3779B97F4A7C15ULL;
 constexpr uint64_t kFingerprintMul = 0xD6E8FEB86659FD93ULL;
 
-// The term element `index` with raw bits `bits` (zero-extended to 64 bits) adds to the sum:
-// xor-shift, odd multiply, xor-shift, each a bijection of 64-bit words, so a flipped bit always
-// changes the term. The first xor-shift matters: a multiply only carries changes upwards, so
-// without it a flip of a high bit (the sign of a float64) would change every term by one of a
-// handful of values, and two such flips could cancel in the sum. One multiply (not the two of
-// a full mixer) because the optimizer kernels hash three or four tensors per element in the
-// same pass and the multiply is what costs.
-REPLAY_HD uint64_t fingerprint_term(uint64_t bits, uint64_t index) {
+// The term an element adds to the sum, from its raw bits and its index: an odd multiply and an
+// xor-shift, both bijections of 64-bit words, so a flipped bit always changes the term. One
+// multiply, not the two of a full mixer, because the optimizer kernels hash three or four
+// tensors per element in the same pass and the multiply is what costs.
+//
+// Words of 1, 2 or 4 bytes: their bits sit below the multiply's low 32 bits, whose changes the
+// multiply spreads over the whole product before the final xor-shift folds it back down.
+REPLAY_HD uint64_t fingerprint_term32(uint32_t bits, uint64_t index) {
+  const uint64_t y = (static_cast<uint64_t>(bits) ^ (index * kFingerprintGolden)) * kFingerprintMul;
+  return y ^ (y >> 32);
+}
+
+// 8-byte words need one more xor-shift first: a multiply only carries changes upwards, so a
+// flip of a high bit (the sign of a float64) would otherwise change the term by one of a
+// handful of values, and two such flips could cancel in the sum.
+REPLAY_HD uint64_t fingerprint_term64(uint64_t bits, uint64_t index) {
   uint64_t x = bits ^ (index * kFingerprintGolden);
   x ^= x >> 32;
   const uint64_t y = x * kFingerprintMul;
   return y ^ (y >> 32);
 }
 
-REPLAY_HD uint64_t float_bits(float x) { return static_cast<uint64_t>(bits_of(x)); }
+// The term of a word of any supported width (uint8_t, uint16_t, uint32_t or uint64_t).
+template <typename Word>
+REPLAY_HD uint64_t fingerprint_word_term(Word bits, uint64_t index) {
+  if constexpr (sizeof(Word) == 8) {
+    return fingerprint_term64(static_cast<uint64_t>(bits), index);
+  } else {
+    return fingerprint_term32(static_cast<uint32_t>(bits), index);
+  }
+}
+
+// The term of a float32 element (what the optimizer and EMA kernels add for what they write).
+REPLAY_HD uint64_t float_term(float x, uint64_t index) { return fingerprint_term32(bits_of(x), index); }
 
 }  // namespace kernels
 }  // namespace replay
