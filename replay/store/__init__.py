@@ -1,0 +1,47 @@
+"""The run store: a run directory of JSON, SQLite and safetensors files, never pickle.
+
+::
+
+    RUN/manifest.json | ledger.sqlite | checkpoints/step-XXXXXXXX/ | .lock
+
+* ``errors``     RunError, CorruptRunError, RunLockedError, RunExistsError
+* ``atomic``     crash-safe writes (temp file, fsync, rename, fsync folder) and SHA-256
+* ``encode``     nested training state <-> JSON skeleton + flat tensors
+* ``checkpoint`` atomic checkpoint folders, verified against recorded hashes before parsing
+* ``ledger``     the per-step SQLite ledger (WAL, synchronous=FULL)
+* ``run``        RunDir: the directory, its manifest and the single-writer lock
+"""
+
+from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_bytes, sha256_file
+from .checkpoint import checkpoint_steps, read_checkpoint, remove_stale_temporaries, write_checkpoint
+from .encode import flatten_state, float_from_text, float_to_text, unflatten_state
+from .errors import CorruptRunError, RunError, RunExistsError, RunLockedError
+from .ledger import Ledger, StepRow
+from .run import CHECKPOINTS, LEDGER, LOCK, MANIFEST, RunDir
+
+__all__ = [
+    "CHECKPOINTS",
+    "LEDGER",
+    "LOCK",
+    "MANIFEST",
+    "CorruptRunError",
+    "Ledger",
+    "RunDir",
+    "RunError",
+    "RunExistsError",
+    "RunLockedError",
+    "StepRow",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "checkpoint_steps",
+    "flatten_state",
+    "float_from_text",
+    "float_to_text",
+    "fsync_dir",
+    "read_checkpoint",
+    "remove_stale_temporaries",
+    "sha256_bytes",
+    "sha256_file",
+    "unflatten_state",
+    "write_checkpoint",
+]

@@ -1,0 +1,357 @@
+"""The run directory: manifest, ledger, checkpoints, and the single-writer lock.
+
+::
+
+    RUN/
+      manifest.json     what was run and where (JSON, rewritten atomically); "status" is
+                        "incomplete" until the recording finishes
+      ledger.sqlite     one row per step, epochs, checkpoint hashes, events (see ledger.py)
+      checkpoints/      step-XXXXXXXX/{tensors.safetensors,state.json} (see checkpoint.py)
+      .lock             flock'ed by the one writer; holds its pid
+
+Nothing in a run is ever unpickled or executed: JSON, SQLite and safetensors only.
+
+The store owns two manifest keys: ``status`` (``"incomplete"`` or ``"complete"``) and
+``store_version`` (the run layout's version, 1). Everything else in the manifest belongs to
+the caller.
+
+Writers take ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``.lock`` for the RunDir's lifetime; a second
+writer, in this process or another, gets RunLockedError at once. The kernel drops the lock when
+the holder dies, so a crash never leaves a run locked. Readers take no lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import shutil
+
+from .atomic import TEMP_PREFIX, atomic_write_json, fsync_dir, json_bytes
+from .checkpoint import (
+    checkpoint_steps,
+    read_checkpoint,
+    remove_stale_temporaries,
+    step_folder_name,
+    write_checkpoint,
+)
+from .errors import CorruptRunError, RunError, RunExistsError, RunLockedError
+from .ledger import Ledger
+
+__all__ = ["CHECKPOINTS", "LEDGER", "LOCK", "MANIFEST", "STORE_VERSION", "RunDir"]
+
+MANIFEST = "manifest.json"
+LEDGER = "ledger.sqlite"
+CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
+STORE_VERSION = 1
+_STATUSES = ("incomplete", "complete")
+
+
+def _take_lock(folder: str) -> int:
+    """flock ``folder/.lock`` exclusively (non-blocking) and write our pid; return the fd."""
+    lock_path = os.path.join(folder, LOCK)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise RunError(f"{lock_path}: cannot open the write lock: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        pid = None
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            try:
+                pid = int(os.pread(fd, 32, 0).decode("ascii").strip())
+            except (OSError, ValueError, UnicodeDecodeError):
+                pid = None
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise RunLockedError(folder, pid) from None
+        raise RunError(f"{lock_path}: cannot take the write lock: {e.strerror or e}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _release_lock(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _read_manifest(folder: str) -> dict:
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CorruptRunError(path, "missing") from None
+    except OSError as e:
+        raise CorruptRunError(path, f"cannot be read: {e.strerror or e}") from None
+
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    try:
+        obj = json.loads(data.decode("utf-8"), parse_constant=no_constants)
+    except ValueError as e:
+        raise CorruptRunError(path, f"not valid JSON: {e}") from None
+    if type(obj) is not dict:
+        raise CorruptRunError(path, f"not a JSON object (found {type(obj).__name__})")
+    if obj.get("status") not in _STATUSES:
+        raise CorruptRunError(path, f"status must be one of {_STATUSES}, found {obj.get('status')!r}")
+    version = obj.get("store_version")
+    if type(version) is not int:
+        raise CorruptRunError(path, f"store_version must be an int, found {version!r}")
+    if version > STORE_VERSION:
+        raise RunError(
+            f"{path}: run layout version {version} is newer than this replay reads "
+            f"({STORE_VERSION}); upgrade replay"
+        )
+    return obj
+
+
+class RunDir:
+    """A run directory, open for reading or (holding the lock) for writing.
+
+    Build with ``RunDir.create(path, manifest)`` or ``RunDir.open(path, writable=False)``;
+    use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, path: str, ledger: Ledger, lock_fd: int | None):
+        self._path = path
+        self._ledger = ledger
+        self._lock_fd = lock_fd
+
+    # ---------------------------------------------------------------- opening ----
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, manifest: dict) -> RunDir:
+        """Create a run at ``path`` and return it open for writing (lock held).
+
+        ``path`` must not exist or be an empty folder (RunExistsError otherwise); missing
+        parents are created. The run is assembled in a temporary sibling folder and renamed into
+        place, so ``path`` never holds a half-made run. ``manifest`` (a JSON-able dict) is
+        written with ``status="incomplete"`` and ``store_version`` added.
+        """
+        if not isinstance(manifest, dict):
+            raise TypeError(f"manifest must be a dict, got {type(manifest).__name__}")
+        if "store_version" in manifest and manifest["store_version"] != STORE_VERSION:
+            raise ValueError("manifest key 'store_version' is reserved for the run store")
+        manifest = {**manifest, "status": "incomplete", "store_version": STORE_VERSION}
+        json_bytes(manifest)  # TypeError / ValueError now, before anything is made
+
+        path = os.path.abspath(os.fspath(path))
+        if os.path.lexists(path) and not (
+            os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+        ):
+            raise RunExistsError(f"{path}: already exists and is not an empty folder")
+        parent, name = os.path.split(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f"{TEMP_PREFIX}run-{name}-{secrets.token_hex(8)}")
+        os.mkdir(tmp)
+        lock_fd = None
+        try:
+            lock_fd = _take_lock(tmp)  # the flock follows the inode through the rename
+            atomic_write_json(os.path.join(tmp, MANIFEST), manifest)
+            Ledger.create(os.path.join(tmp, LEDGER)).close()
+            os.mkdir(os.path.join(tmp, CHECKPOINTS))
+            fsync_dir(os.path.join(tmp, CHECKPOINTS))
+            fsync_dir(tmp)
+            try:
+                os.rename(tmp, path)  # onto nothing or an empty folder; atomic
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise RunExistsError(f"{path}: already exists and is not an empty folder") from None
+                raise
+            tmp = None
+            fsync_dir(parent)
+            ledger = Ledger.open(os.path.join(path, LEDGER), writable=True)
+        except BaseException:
+            if lock_fd is not None:
+                _release_lock(lock_fd)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(path, ledger, lock_fd)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, writable: bool = False) -> RunDir:
+        """Open an existing run. ``writable=True`` takes the write lock (RunLockedError if held)
+        and removes temporaries a crashed writer left. RunError if ``path`` is not a run;
+        CorruptRunError naming the file if the manifest or ledger is damaged."""
+        path = os.path.abspath(os.fspath(path))
+        if not os.path.isdir(path):
+            raise RunError(f"{path}: no run directory here")
+        if not os.path.lexists(os.path.join(path, MANIFEST)):
+            raise RunError(f"{path}: not a replay run (no {MANIFEST})")
+        lock_fd = _take_lock(path) if writable else None
+        try:
+            _read_manifest(path)
+            checkpoints_dir = os.path.join(path, CHECKPOINTS)
+            if not os.path.isdir(checkpoints_dir):
+                raise CorruptRunError(checkpoints_dir, "missing: every run has a checkpoints folder")
+            ledger = Ledger.open(os.path.join(path, LEDGER), writable=writable)
+            if writable:
+                try:
+                    remove_stale_temporaries(checkpoints_dir)
+                    _remove_temp_files(path)
+                except BaseException:
+                    ledger.close()
+                    raise
+        except BaseException:
+            if lock_fd is not None:
+                _release_lock(lock_fd)
+            raise
+        return cls(path, ledger, lock_fd)
+
+    def close(self) -> None:
+        """Close the ledger and release the write lock (idempotent)."""
+        try:
+            self._ledger.close()
+        finally:
+            if self._lock_fd is not None:
+                fd, self._lock_fd = self._lock_fd, None
+                _release_lock(fd)
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        # A RunDir dropped without close() must not keep the run locked.
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            self._lock_fd = None
+            try:
+                _release_lock(fd)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        mode = "writable" if self.writable else "read-only"
+        return f"RunDir({self._path!r}, {mode})"
+
+    # ---------------------------------------------------------------- properties --
+
+    @property
+    def path(self) -> str:
+        """Absolute path of the run folder."""
+        return self._path
+
+    @property
+    def writable(self) -> bool:
+        return self._lock_fd is not None
+
+    @property
+    def ledger(self) -> Ledger:
+        return self._ledger
+
+    @property
+    def checkpoints_dir(self) -> str:
+        return os.path.join(self._path, CHECKPOINTS)
+
+    @property
+    def manifest(self) -> dict:
+        """The manifest as on disk now (a fresh dict each time; edit it via update_manifest)."""
+        return _read_manifest(self._path)
+
+    @property
+    def is_complete(self) -> bool:
+        return self.manifest["status"] == "complete"
+
+    def _need_writable(self, what: str) -> None:
+        if self._lock_fd is None:
+            raise RunError(f"{self._path}: cannot {what}: the run is open read-only")
+
+    # ---------------------------------------------------------------- manifest ----
+
+    def update_manifest(self, changes: dict) -> dict:
+        """Merge ``changes`` into the manifest (top-level keys) and rewrite it atomically.
+        Returns the new manifest."""
+        self._need_writable("update the manifest")
+        if not isinstance(changes, dict):
+            raise TypeError(f"changes must be a dict, got {type(changes).__name__}")
+        if "status" in changes and changes["status"] not in _STATUSES:
+            raise ValueError(f"status must be one of {_STATUSES}, got {changes['status']!r}")
+        if "store_version" in changes and changes["store_version"] != STORE_VERSION:
+            raise ValueError("manifest key 'store_version' is reserved for the run store")
+        manifest = {**self.manifest, **changes}
+        atomic_write_json(os.path.join(self._path, MANIFEST), manifest)
+        return manifest
+
+    def mark_complete(self) -> None:
+        """Set the manifest's status to "complete" (the recording finished)."""
+        self.update_manifest({"status": "complete"})
+
+    # ---------------------------------------------------------------- checkpoints -
+
+    def save_checkpoint(self, step: int, state) -> dict[str, str]:
+        """Write the checkpoint of ``step`` and record its file hashes in the ledger.
+
+        Order: forget any earlier record of ``step``, write the folder atomically, record it.
+        A crash in between leaves a complete but unrecorded folder, which is ignored and
+        overwritten later. Returns the recorded {file name: SHA-256}.
+        """
+        self._need_writable("save a checkpoint")
+        if self._ledger.checkpoint_files(step) is not None:
+            self._ledger.remove_checkpoint(step)
+        files = write_checkpoint(self.checkpoints_dir, step, state)
+        self._ledger.record_checkpoint(step, files)
+        return files
+
+    def load_checkpoint(self, step: int):
+        """Load the recorded checkpoint of ``step``, verified against the ledger's hashes.
+        CorruptRunError naming the file on any mismatch, or if ``step`` has no recorded
+        checkpoint."""
+        files = self._ledger.checkpoint_files(step)
+        if files is None:
+            folder = os.path.join(self.checkpoints_dir, step_folder_name(step))
+            raise CorruptRunError(folder, f"no checkpoint of step {step} is recorded in {LEDGER}")
+        return read_checkpoint(self.checkpoints_dir, step, files)
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps with a recorded checkpoint, ascending."""
+        return sorted(self._ledger.checkpoints())
+
+    def latest_checkpoint_at_or_before(self, step: int) -> int | None:
+        """The highest recorded checkpoint step <= ``step``, or None."""
+        found = [s for s in self._ledger.checkpoints() if s <= step]
+        return max(found) if found else None
+
+    def truncate_after(self, step: int, keep_checkpoint: int | None = None) -> None:
+        """Forget everything after ``step``: ledger rows and checkpoint records (one
+        transaction, see ``Ledger.truncate_after`` for ``keep_checkpoint``), then the checkpoint
+        folders (each renamed to a temporary name before it is deleted, so a crash never leaves
+        a partial ``step-*`` folder)."""
+        self._need_writable("truncate")
+        self._ledger.truncate_after(step, keep_checkpoint=keep_checkpoint)
+        for s in checkpoint_steps(self.checkpoints_dir):
+            if s > step and s != keep_checkpoint:
+                src = os.path.join(self.checkpoints_dir, step_folder_name(s))
+                dst = os.path.join(
+                    self.checkpoints_dir, f"{TEMP_PREFIX}del-{step_folder_name(s)}-{secrets.token_hex(8)}"
+                )
+                os.rename(src, dst)
+                fsync_dir(self.checkpoints_dir)
+                shutil.rmtree(dst)
+
+
+def _remove_temp_files(folder: str) -> None:
+    """Remove ``.tmp-*`` files (interrupted manifest writes) directly inside the run folder."""
+    removed = False
+    for entry in os.scandir(folder):
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            removed = True
+    if removed:
+        fsync_dir(folder)
