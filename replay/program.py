@@ -183,22 +183,31 @@ def _split_reference(reference: str) -> tuple[str, str]:
 
 
 def _import_target(target: str):
+    """(module, path of its source, SHA-256 of the source it was made from)."""
     if target.endswith(".py") or os.sep in target or "/" in target:
         path = os.path.abspath(target)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"program file {target!r} does not exist")
-        digest = hashlib.sha256(path.encode()).hexdigest()[:12]
-        name = f"replay_program_{digest}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
+        with open(path, "rb") as f:
+            source = f.read()
+        # Executed from the very bytes that are hashed: never from a cached .pyc, which Python
+        # would reuse for an edit of the same size within the same second.
+        name = f"replay_program_{hashlib.sha256(path.encode()).hexdigest()[:12]}"
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None, origin=path))
+        module.__file__ = path
         sys.modules[name] = module
         try:
-            spec.loader.exec_module(module)
+            exec(compile(source, path, "exec"), module.__dict__)
         except BaseException:
             sys.modules.pop(name, None)
             raise
-        return module
-    return importlib.import_module(target)
+        return module, path, hashlib.sha256(source).hexdigest()
+    module = importlib.import_module(target)
+    path = getattr(module, "__file__", None)
+    if path is None:
+        raise ValueError(f"{target!r}: the module has no source file to hash")
+    path = os.path.abspath(path)
+    return module, path, file_sha256(path)
 
 
 def file_sha256(path: str) -> str:
@@ -209,15 +218,11 @@ def file_sha256(path: str) -> str:
 def load_program(reference: str) -> tuple[Program, ProgramSource]:
     """Import the program a reference names, with the file that defines it and that file's hash."""
     target, attribute = _split_reference(reference)
-    module = _import_target(target)
+    module, path, sha256 = _import_target(target)
     if not hasattr(module, attribute):
         raise ValueError(f"{target!r} has no attribute {attribute!r} (program reference {reference!r})")
     obj = getattr(module, attribute)
     program = obj() if callable(obj) and not isinstance(obj, Program) else obj
     if not isinstance(program, Program):
         raise ValueError(f"{reference!r} is a {type(program).__name__}, not a replay.Program (or a function returning one)")
-    path = getattr(module, "__file__", None)
-    if path is None:
-        raise ValueError(f"{reference!r}: the module has no source file to hash")
-    path = os.path.abspath(path)
-    return program, ProgramSource(reference=reference, path=path, sha256=file_sha256(path))
+    return program, ProgramSource(reference=reference, path=path, sha256=sha256)
