@@ -83,13 +83,19 @@ def _as_float(value) -> float:
 class Engine:
     """A program's live training state and the means to advance it one step at a time."""
 
-    def __init__(self, program: Program, contract: RngContract, order_spec=None):
+    def __init__(self, program: Program, contract: RngContract, order_spec=None, perturbations=()):
         self.program = program
+        # A perturbation may re-seed a stream: the child's contract is the parent's, changed.
+        self.perturbations = list(perturbations)
+        for p in self.perturbations:
+            contract = p.contract(contract)
         self.contract = contract
         self.policy = make_policy(program.order if order_spec is None else order_spec,
                                   program.dataset_size(), program.batch_size, contract)
         self.completed = 0
         self._build()
+        for p in self.perturbations:
+            p.restore(self)
 
     @classmethod
     def contract_for(cls, program: Program, seed: int | None = None) -> RngContract:
@@ -118,16 +124,26 @@ class Engine:
 
     def run_step(self) -> StepRecord:
         t = self.completed
+        for p in self.perturbations:
+            if t == p.start:
+                p.check(self)
+                p.apply(self)
+        active = [p for p in self.perturbations if p.start <= t < p.end]
         ids = list(self.policy.batch_ids(t))
+        for p in self.perturbations:
+            ids = list(p.batch_ids(self, t, ids))
         epoch = self.policy.epoch_of(t)
         batch = self.program.make_batch(ids)
         generators = self.seed_step(t)
+        tokens = [(p, p.begin_step(self, t)) for p in active]
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
         ema_updates = self.ema.updates if self.ema is not None else 0
         ctx = StepContext(step=t, epoch=epoch, ids=ids, batch=batch, model=self.model,
                           optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
                           components=self.components, generators=generators, program=self.program)
         result = (self.program.step or default_step)(ctx)
+        for p, token in reversed(tokens):  # undone before the scheduler reads the learning rate
+            p.end_step(self, t, token)
         if self.scheduler is not None:
             self.scheduler.step()
         self.completed = t + 1
@@ -213,18 +229,20 @@ class Engine:
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        missing = set(self.components) ^ set(state["components"])
+        if missing:
+            raise ValueError(f"checkpoint components {sorted(state['components'])} do not match the program's {sorted(self.components)}")
+        self.completed = int(state["completed_steps"])
+        for p in self.perturbations:  # e.g. a swapped optimizer must exist before its state loads
+            p.restore(self)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        missing = set(self.components) ^ set(state["components"])
-        if missing:
-            raise ValueError(f"checkpoint components {sorted(state['components'])} do not match the program's {sorted(self.components)}")
         for name, component in self.components.items():
             component.load_state_dict(state["components"][name])
-        self.completed = int(state["completed_steps"])
 
 
 def digest_of(fps: dict[str, dict[str, int]]) -> int:

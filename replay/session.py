@@ -5,6 +5,7 @@ says where, and in which tensors, the replay diverges from the ledger."""
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,8 @@ class RecordSession:
         return {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
+            "run_id": uuid.uuid4().hex,
+            "first_step": 0,
             "status": "incomplete",
             "program": {"reference": self.source.reference, "path": self.source.path, "sha256": self.source.sha256,
                         "description": p.description},
@@ -102,7 +105,7 @@ class RecordSession:
             if run.is_complete:
                 raise RunError(f"{run_dir}: the recording is already complete; nothing to resume")
             program = _program_for_run(run, allow_source_change, allow_environment_change, "resume")
-            engine = Engine(program, RngContract.from_json(run.manifest["rng"]), run.manifest["order"])
+            engine = engine_for_run(run, program)
             start = run.latest_checkpoint_at_or_before(program.steps)
             if start is None:
                 raise RunError(f"{run_dir}: no checkpoint recorded; record the run again")
@@ -237,6 +240,15 @@ def _program_for_run(run: RunDir, allow_source_change: bool, allow_environment_c
                                   checkpoint_log_spaced=manifest["checkpoints"]["log_spaced"])
 
 
+def engine_for_run(run: RunDir, program: Program) -> Engine:
+    """An engine for a recorded run: its RNG contract, its order policy and, for a fork, its
+    perturbations."""
+    from .perturb import from_spec
+
+    perturbations = [from_spec(spec) for spec in run.manifest.get("lineage", {}).get("perturbations", [])]
+    return Engine(program, RngContract.from_json(run.manifest["rng"]), run.manifest["order"], perturbations)
+
+
 def _check_restored_state(run: RunDir, engine: Engine, count: int) -> None:
     """A restored checkpoint must describe the same state the ledger recorded after that step."""
     if count == 0:
@@ -271,14 +283,15 @@ class ReplaySession:
             last = run.ledger.last_step()
             if last is None:
                 raise RunError(f"{self.path}: the ledger has no steps to verify")
-            start = 0 if start is None else start
+            first = run.manifest.get("first_step", 0)
+            start = first if start is None else start
             end = last + 1 if end is None else end
-            if not 0 <= start < end <= last + 1:
-                raise ValueError(f"cannot verify steps [{start}, {end}): the ledger holds steps 0..{last}")
+            if not first <= start < end <= last + 1:
+                raise ValueError(f"cannot verify steps [{start}, {end}): the ledger holds steps {first}..{last}")
             restore = run.latest_checkpoint_at_or_before(start)
             if restore is None:
                 raise RunError(f"{self.path}: no checkpoint at or before step {start}")
-            engine = Engine(program, RngContract.from_json(run.manifest["rng"]), run.manifest["order"])
+            engine = engine_for_run(run, program)
             engine.load_state_dict(run.load_checkpoint(restore))
             _check_restored_state(run, engine, restore)
             rows = {r.step: r for r in run.ledger.rows(restore, end)}

@@ -1,0 +1,229 @@
+"""Forks: replay a run to step T, change one piece of training memory, run on.
+
+ForkSession restores the parent's nearest checkpoint at or before T once, replays to T while
+checking every step against the parent's ledger, and keeps the state at T in memory. Each
+fork() then starts from a copy of that state, so several children of one step cost one restore.
+A child is a full run directory with lineage: the parent's id, path and a digest of what the
+child depends on (the parent's manifest and ledger up to T), the fork step, the perturbations as
+JSON and their window. It keeps the parent's RNG contract and policies, so only the
+perturbation differs; a placebo child reproduces the parent's ledger bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from . import environment as env_module
+from .engine import Engine
+from .perturb import Perturbation, from_spec
+from .rng import RngContract
+from .schedule import checkpoint_counts
+from .session import (
+    Divergence,
+    _check_restored_state,
+    _program_for_run,
+    _progress,
+    _record_steps,
+    compare_record,
+    engine_for_run,
+)
+from .store import RunDir, RunError
+
+
+class ForkError(RunError):
+    """A fork that cannot be made faithfully (the parent does not replay, bad step range)."""
+
+
+def lineage_digest(run: RunDir, fork_step: int) -> str:
+    """SHA-256 over what a child of `run` at `fork_step` depends on: the parent's program, seed,
+    contract and order, and its ledger digests and checkpoint hashes up to the fork step."""
+    m = run.manifest
+    h = hashlib.sha256()
+    h.update(json.dumps({k: m.get(k) for k in ("program", "seed", "rng", "order", "lineage")}, sort_keys=True).encode())
+    for row in run.ledger.rows(m.get("first_step", 0), fork_step - 1) if fork_step > m.get("first_step", 0) else []:
+        h.update(f"{row.step}:{row.digest:016x}:{row.batch_hash}\n".encode())
+    for step, files in sorted(run.ledger.checkpoints().items()):
+        if step <= fork_step:
+            h.update(f"{step}:{json.dumps(files, sort_keys=True)}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class PlaceboReport:
+    fork_step: int
+    end: int
+    divergence: Divergence | None
+
+    @property
+    def ok(self) -> bool:
+        return self.divergence is None
+
+
+class ForkSession:
+    """The state of a recorded run at step `at`, ready to be forked any number of times."""
+
+    def __init__(self, parent: str | os.PathLike, at: int, *, allow_source_change: bool = False,
+                 allow_environment_change: bool = False, progress: bool = True):
+        self.parent = Path(parent)
+        self.at = at
+        self.progress = progress
+        writable = allow_source_change or allow_environment_change
+        with RunDir.open(self.parent, writable=writable) as run:
+            self.manifest = run.manifest
+            self.program = _program_for_run(run, allow_source_change, allow_environment_change, "fork")
+            first = self.manifest.get("first_step", 0)
+            last = run.ledger.last_step()
+            if last is None or not first <= at <= last + 1:
+                raise ForkError(f"cannot fork {self.parent} at step {at}: it recorded steps {first}..{last}")
+            restore = run.latest_checkpoint_at_or_before(at)
+            if restore is None:
+                raise ForkError(f"{self.parent}: no checkpoint at or before step {at}")
+            engine = engine_for_run(run, self.program)
+            engine.load_state_dict(run.load_checkpoint(restore))
+            _check_restored_state(run, engine, restore)
+            rows = {r.step: r for r in run.ledger.rows(restore, at - 1)} if at > restore else {}
+            while engine.completed < at:
+                record = engine.run_step()
+                divergence = compare_record(rows[record.step], record)
+                if divergence is not None:
+                    raise ForkError(f"{self.parent} does not replay up to the fork step:\n{divergence.describe()}")
+            self.rows_after = {r.step: r for r in run.ledger.rows(at, None)}
+            self.parent_last = last
+            self.parent_digest = lineage_digest(run, at)
+        self.state = engine.state_dict()
+        self._parent_engine = engine
+
+    def _child_engine(self, perturbations: Sequence[Perturbation]) -> Engine:
+        parent = self.manifest
+        parent_perturbations = [from_spec(s) for s in parent.get("lineage", {}).get("perturbations", [])]
+        engine = Engine(self.program, RngContract.from_json(parent["rng"]), parent["order"],
+                        parent_perturbations + list(perturbations))
+        engine.load_state_dict(copy.deepcopy(self.state))
+        return engine
+
+    def perturbations(self, specs, window: int = 1) -> list[Perturbation]:
+        specs = [specs] if isinstance(specs, (str, dict, Perturbation)) else list(specs)
+        result = []
+        for spec in specs:
+            p = spec if isinstance(spec, Perturbation) else from_spec(spec, start=self.at, window=window)
+            if p.start < self.at:
+                raise ForkError(f"perturbation {p.name} starts at step {p.start}, before the fork step {self.at}")
+            result.append(p)
+        if not result:
+            raise ForkError("a fork needs at least one perturbation (use 'placebo' to change nothing)")
+        return result
+
+    def fork(self, out: str | os.PathLike, perturb, *, window: int = 1, steps: int | None = None,
+             until: int | None = None) -> Path:
+        """Write a child run to `out`: the perturbations act at the fork step (or over
+        [T, T + window)), then the child runs under the parent's policies to `until` (default:
+        the parent's last step) or for `steps` steps."""
+        perturbations = self.perturbations(perturb, window)
+        if steps is not None and until is not None:
+            raise ValueError("give steps or until, not both")
+        end = self.at + steps if steps is not None else (until if until is not None else self.manifest["steps"])
+        if end <= self.at:
+            raise ForkError(f"a child must run at least one step after the fork step {self.at} (until={end})")
+        engine = self._child_engine(perturbations)
+        for p in perturbations:
+            p.check(engine)
+        schedule = self.manifest["checkpoints"]
+        counts = sorted({self.at, end} | {c for c in checkpoint_counts(end, schedule["every"], schedule["log_spaced"])
+                                          if self.at < c < end})
+        parent_lineage = self.manifest.get("lineage", {})
+        manifest = {
+            **{k: v for k, v in self.manifest.items() if k not in ("status", "store_version")},
+            "run_id": uuid.uuid4().hex,
+            "first_step": self.at,
+            "steps": end,
+            "checkpoints": {**schedule, "counts": counts},
+            "environment": env_module.environment(),
+            "rng_effective": engine.contract.to_json(),
+            "lineage": {
+                "parent_id": self.manifest.get("run_id"),
+                "parent_path": os.path.relpath(self.parent.resolve(), Path(out).resolve().parent),
+                "parent_digest": self.parent_digest,
+                "fork_step": self.at,
+                "window": [self.at, max(p.end for p in perturbations)],
+                "perturbations": parent_lineage.get("perturbations", []) + [p.to_json() for p in perturbations],
+                "depth": parent_lineage.get("depth", 0) + 1,
+            },
+        }
+        with RunDir.create(out, manifest) as run:
+            run.save_checkpoint(self.at, self.state)
+            run.ledger.add_event("intervention_window", {"start": self.at, "end": max(p.end for p in perturbations),
+                                                         "perturbations": [p.to_json() for p in perturbations]})
+            _record_steps(run, engine, end, self.progress)
+        return Path(out)
+
+    def placebo_check(self, steps: int | None = None) -> PlaceboReport:
+        """Run a placebo child in memory for `steps` steps (default: to the parent's end) and
+        compare every step with the parent's ledger: a divergence names state the program
+        failed to capture in its checkpoints."""
+        end = self.parent_last + 1 if steps is None else min(self.parent_last + 1, self.at + steps)
+        engine = self._child_engine(self.perturbations("placebo"))
+        bar = _progress(end - self.at, f"placebo@{self.at}", self.progress)
+        try:
+            while engine.completed < end:
+                record = engine.run_step()
+                divergence = compare_record(self.rows_after[record.step], record)
+                if divergence is not None:
+                    return PlaceboReport(self.at, end, divergence)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return PlaceboReport(self.at, end, None)
+
+
+def fork(parent, out, *, at: int, perturb, window: int = 1, steps: int | None = None, until: int | None = None,
+         progress: bool = True, **allow) -> Path:
+    """Fork `parent` at step `at` with `perturb` (a spec, a list of specs, or Perturbations)."""
+    return ForkSession(parent, at, progress=progress, **allow).fork(out, perturb, window=window, steps=steps, until=until)
+
+
+def _fork_group(parent: str, at: int, children: list[dict], progress: bool) -> list[str]:
+    session = ForkSession(parent, at, progress=progress)
+    return [str(session.fork(c["out"], c["perturb"], window=c.get("window", 1), steps=c.get("steps"),
+                             until=c.get("until"))) for c in children]
+
+
+def fork_many(parent, at: int, children: Sequence[dict], *, workers: int = 1, progress: bool = False) -> list[Path]:
+    """Several children of one step: {"out", "perturb", "window"?, "steps"?, "until"?} each.
+    One restore per worker process (workers > 1 run in parallel, spawned fresh)."""
+    children = list(children)
+    if workers <= 1 or len(children) <= 1:
+        return [Path(p) for p in _fork_group(str(parent), at, children, progress)]
+    groups = [children[i::workers] for i in range(min(workers, len(children)))]
+    with ProcessPoolExecutor(max_workers=len(groups), mp_context=get_context("spawn")) as pool:
+        done = list(pool.map(_fork_group, [str(parent)] * len(groups), [at] * len(groups), groups, [False] * len(groups)))
+    order = {id(c): i for i, c in enumerate(children)}
+    paths: list[Path | None] = [None] * len(children)
+    for group, result in zip(groups, done):
+        for child, path in zip(group, result):
+            paths[order[id(child)]] = Path(path)
+    return paths
+
+
+def _check_one(parent: str, at: int, steps: int | None) -> dict:
+    report = ForkSession(parent, at, progress=False).placebo_check(steps)
+    return {"at": at, "end": report.end, "divergence": None if report.ok else report.divergence.describe()}
+
+
+def check(parent, at: Sequence[int], *, steps: int | None = None, workers: int = 1) -> list[dict]:
+    """Placebo forks at each step of `at`: {"at", "end", "divergence" (None or a description)}."""
+    at = list(at)
+    if workers <= 1 or len(at) <= 1:
+        return [_check_one(str(parent), t, steps) for t in at]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_check_one, [str(parent)] * len(at), at, [steps] * len(at)))

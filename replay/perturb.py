@@ -1,0 +1,644 @@
+"""Perturbation primitives: change exactly one piece of training memory at a fork step.
+
+A perturbation acts at the start of step `start` (the fork step T) or over the window of steps
+[start, start + window). Everything it does is a pure function of the step, so a child run can
+be replayed from any of its checkpoints: one-shot changes run when step `start` begins (a
+checkpoint at T holds the state *before* them), temporary changes are made before each step of
+the window and undone after it, and changes of the data order or of a random stream are
+functions of the step number.
+
+Each primitive is a small class with a short name (usable on the command line as
+``name:key=value,key=value``), a JSON spec (``to_json``/``from_spec``), and a declaration of
+what it touches at the fork step (`touches`: the fingerprint components it may change there).
+A perturbation that needs state the program does not have refuses with PerturbationRefused.
+
+Hooks, called by replay.engine.Engine (all optional):
+  contract(contract) -> contract     the child's RNG contract (re-seeding a stream)
+  batch_ids(engine, step, ids) -> ids the batch of a step (data-order primitives)
+  restore(engine)                    after the engine is built or restored (optimizer swaps)
+  apply(engine)                      once, when step `start` begins (state primitives)
+  begin_step(engine, step) -> token  before each step of the window ...
+  end_step(engine, step, token)      ... and after it, before the LR scheduler steps
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from .order import make_policy
+
+
+class PerturbationRefused(ValueError):
+    """The perturbation cannot act on this program (it lacks the state the perturbation names)."""
+
+
+REGISTRY: dict[str, type["Perturbation"]] = {}
+
+
+def _register(cls):
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class Perturbation:
+    name: ClassVar[str] = ""
+    touches: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+    params: ClassVar[dict[str, Any]] = {}  # parameter -> default (required when the default is ...)
+
+    def __init__(self, start: int = 0, window: int = 1, **params):
+        if not isinstance(start, int) or start < 0:
+            raise ValueError(f"{self.name}: start must be a non-negative step, got {start!r}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"{self.name}: window must be a positive number of steps, got {window!r}")
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; it takes {sorted(self.params) or 'none'}")
+        values = {}
+        for key, default in self.params.items():
+            if key not in params and default is ...:
+                raise ValueError(f"{self.name}: parameter {key!r} is required")
+            values[key] = params.get(key, default)
+        self.start = start
+        self.window = window
+        self.values = values
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Validate self.values (subclasses)."""
+
+    def __getattr__(self, key):
+        values = self.__dict__.get("values", {})
+        if key in values:
+            return values[key]
+        raise AttributeError(key)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "start": self.start, "window": self.window, **self.values}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_json()})"
+
+    @property
+    def end(self) -> int:
+        return self.start + self.window
+
+    # Hooks: no-ops by default.
+    def check(self, engine) -> None:
+        pass
+
+    def contract(self, contract):
+        return contract
+
+    def batch_ids(self, engine, step: int, ids: list[int]) -> list[int]:
+        return ids
+
+    def restore(self, engine) -> None:
+        pass
+
+    def apply(self, engine) -> None:
+        pass
+
+    def begin_step(self, engine, step: int):
+        return None
+
+    def end_step(self, engine, step: int, token) -> None:
+        pass
+
+
+def _optimizer_state(engine, key: str, what: str):
+    found = [state for state in engine.optimizer.state.values() if key in state]
+    if not found:
+        raise PerturbationRefused(
+            f"{what}: the optimizer ({type(engine.optimizer).__name__}) holds no {key!r} state at this step"
+        )
+    return found
+
+
+def _bn_modules(engine):
+    modules = [m for m in engine.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not modules:
+        raise PerturbationRefused("the model has no BatchNorm layers")
+    return modules
+
+
+def _ema(engine):
+    if engine.ema is None:
+        raise PerturbationRefused("the program keeps no EMA / teacher (Program.ema_decay is unset)")
+    return engine.ema
+
+
+# ----------------------------------------------------------------------------- placebo ----
+
+
+@_register
+class Placebo(Perturbation):
+    name = "placebo"
+    summary = "change nothing (the coverage check: a placebo child equals its parent bit for bit)"
+
+
+# --------------------------------------------------------------------------- optimizer ----
+
+
+class _ResetStateKey(Perturbation):
+    touches = ("optimizer",)
+    key: ClassVar[str] = ""
+
+    def check(self, engine):
+        if not engine.optimizer.state:
+            raise PerturbationRefused(f"{self.name}: the optimizer has no state yet (fork at a later step)")
+
+    def apply(self, engine):
+        for state in _optimizer_state(engine, self.key, self.name):
+            state[self.key].zero_()
+
+
+@_register
+class ResetMomentum(Perturbation):
+    name = "reset_momentum"
+    touches = ("optimizer",)
+    summary = "drop SGD's momentum buffers: the next step starts them afresh from the gradient, as torch does"
+
+    def apply(self, engine):
+        for state in _optimizer_state(engine, "momentum_buffer", self.name):
+            del state["momentum_buffer"]
+
+
+@_register
+class ResetExpAvg(_ResetStateKey):
+    name = "reset_exp_avg"
+    key = "exp_avg"
+    summary = "zero Adam's first moment (exp_avg)"
+
+
+@_register
+class ResetExpAvgSq(_ResetStateKey):
+    name = "reset_exp_avg_sq"
+    key = "exp_avg_sq"
+    summary = "zero Adam's second moment (exp_avg_sq, and max_exp_avg_sq with amsgrad)"
+
+    def apply(self, engine):
+        super().apply(engine)
+        for state in engine.optimizer.state.values():
+            if "max_exp_avg_sq" in state:
+                state["max_exp_avg_sq"].zero_()
+
+
+@_register
+class ResetStep(_ResetStateKey):
+    name = "reset_step"
+    key = "step"
+    summary = "reset Adam's step count to 0 (bias correction restarts)"
+
+
+@_register
+class ResetOptimizer(Perturbation):
+    name = "reset_optimizer"
+    touches = ("optimizer",)
+    summary = "clear all optimizer state (as if the optimizer were new, same hyperparameters)"
+
+    def apply(self, engine):
+        engine.optimizer.state.clear()
+
+
+@_register
+class SwapOptimizer(Perturbation):
+    name = "swap_optimizer"
+    touches = ("optimizer",)
+    summary = ("switch to another replay.optim optimizer (SGD, Adam, AdamW) with the given keyword "
+               "arguments; carry=true maps state across (Adam exp_avg <-> SGD momentum_buffer)")
+    params = {"to": ..., "lr": None, "momentum": None, "weight_decay": None, "carry": True}
+
+    def _check_values(self):
+        if self.values["to"] not in ("SGD", "Adam", "AdamW"):
+            raise ValueError(f"swap_optimizer: 'to' must be SGD, Adam or AdamW, got {self.values['to']!r}")
+
+    def _new_optimizer(self, engine):
+        from . import optim
+
+        old = engine.optimizer
+        kwargs = {k: self.values[k] for k in ("lr", "momentum", "weight_decay") if self.values[k] is not None}
+        if "lr" not in kwargs:
+            kwargs["lr"] = old.param_groups[0]["lr"]
+        if self.values["to"] != "SGD":
+            kwargs.pop("momentum", None)
+        cls = getattr(optim, self.values["to"])
+        params = [p for group in old.param_groups for p in group["params"]]
+        extra = {}
+        if hasattr(old, "numerics"):
+            extra["numerics"] = old.numerics
+        return cls(params, **kwargs, **extra)
+
+    def check(self, engine):
+        if engine.scheduler is not None:
+            raise PerturbationRefused("swap_optimizer: the program has an LR scheduler bound to the old optimizer")
+
+    def restore(self, engine):
+        # A child restored after the swap must hold the new optimizer before its state loads.
+        if engine.completed > self.start and not getattr(engine, "_swapped", False):
+            engine.optimizer = self._new_optimizer(engine)
+            engine._swapped = True
+
+    def apply(self, engine):
+        old = engine.optimizer
+        new = self._new_optimizer(engine)
+        if self.values["carry"]:
+            for p, state in old.state.items():
+                carried = state.get("momentum_buffer", state.get("exp_avg"))
+                if carried is None:
+                    continue
+                if self.values["to"] == "SGD":
+                    new.state[p]["momentum_buffer"] = carried.clone()
+                elif "exp_avg" in state:
+                    new.state[p].update({k: v.clone() for k, v in state.items()})
+                else:
+                    new.state[p].update({"step": torch.tensor(0.0), "exp_avg": carried.clone(),
+                                         "exp_avg_sq": torch.zeros_like(carried)})
+        engine.optimizer = new
+        engine._swapped = True
+
+
+# --------------------------------------------------------------------------- averaging ----
+
+
+@_register
+class ResetEma(Perturbation):
+    name = "reset_ema"
+    touches = ("ema",)
+    summary = "reset the EMA / teacher to the current weights"
+
+    def apply(self, engine):
+        ema = _ema(engine)
+        ema.module.load_state_dict(engine.model.state_dict())
+
+
+@_register
+class EmaDecay(Perturbation):
+    name = "ema_decay"
+    summary = "use another EMA decay over the window"
+    params = {"decay": ...}
+
+    def _check_values(self):
+        d = self.values["decay"]
+        if not isinstance(d, (int, float)) or not math.isfinite(d) or not 0 <= d <= 1:
+            raise ValueError(f"ema_decay: decay must be in [0, 1], got {d!r}")
+
+    def check(self, engine):
+        _ema(engine)
+
+    def begin_step(self, engine, step):
+        ema = _ema(engine)
+        before = ema.decay
+        ema.decay = float(self.values["decay"])
+        return before
+
+    def end_step(self, engine, step, token):
+        engine.ema.decay = token
+
+
+# --------------------------------------------------------------------------- batchnorm ----
+
+
+@_register
+class ResetBn(Perturbation):
+    name = "reset_bn"
+    touches = ("model",)
+    summary = "reset BatchNorm running statistics (mean 0, variance 1, batches tracked 0)"
+
+    def apply(self, engine):
+        for m in _bn_modules(engine):
+            m.reset_running_stats()
+
+
+@_register
+class FreezeBn(Perturbation):
+    name = "freeze_bn"
+    summary = "freeze BatchNorm running statistics over the window (momentum 0)"
+
+    def check(self, engine):
+        _bn_modules(engine)
+
+    def begin_step(self, engine, step):
+        saved = []
+        for m in _bn_modules(engine):
+            saved.append((m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None))
+            m.momentum = 0.0
+        return saved
+
+    def end_step(self, engine, step, token):
+        for m, momentum, tracked in token:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+@_register
+class RecomputeBn(Perturbation):
+    name = "recompute_bn"
+    touches = ("model",)
+    summary = "recompute BatchNorm statistics with a pass over the training data (cumulative average)"
+    params = {"batches": None}
+
+    @torch.no_grad()
+    def apply(self, engine):
+        modules = _bn_modules(engine)
+        saved = [(m, m.momentum) for m in modules]
+        for m in modules:
+            m.reset_running_stats()
+            m.momentum = None
+        program = engine.program
+        n, b = program.dataset_size(), program.batch_size
+        starts = list(range(0, n, b))
+        if self.values["batches"] is not None:
+            starts = starts[: int(self.values["batches"])]
+        was_training = engine.model.training
+        engine.model.train()
+        engine.seed_step(self.start)  # dropout in this pass draws from the fork step's stream
+        for s in starts:
+            batch = program.make_batch(list(range(s, min(n, s + b))))
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            engine.model(inputs)
+        engine.model.train(was_training)
+        for m, momentum in saved:
+            m.momentum = momentum
+
+
+# -------------------------------------------------------------------------- data order ----
+
+
+@_register
+class SwapWindows(Perturbation):
+    name = "swap_windows"
+    touches = ("order",)
+    summary = "swap the batches of steps [a, a+w) with those of [b, b+w) (defaults: a = the fork step)"
+    params = {"a": None, "b": ..., "w": 1}
+
+    def _check_values(self):
+        a = self.start if self.values["a"] is None else self.values["a"]
+        b, w = self.values["b"], self.values["w"]
+        if a < self.start or b < self.start:
+            raise ValueError(f"swap_windows: both windows must start at or after the fork step {self.start}")
+        if w < 1 or (a < b + w and b < a + w):
+            raise ValueError(f"swap_windows: windows [{a}, {a + w}) and [{b}, {b + w}) must not overlap")
+        self.values["a"] = a
+
+    def batch_ids(self, engine, step, ids):
+        a, b, w = self.values["a"], self.values["b"], self.values["w"]
+        if a <= step < a + w:
+            return engine.policy.batch_ids(step - a + b)
+        if b <= step < b + w:
+            return engine.policy.batch_ids(step - b + a)
+        return ids
+
+
+@_register
+class ShuffleWindow(Perturbation):
+    name = "shuffle_window"
+    touches = ("order",)
+    summary = "shuffle the order of the batches within the window [T, T+W)"
+    params = {"salt": 1}
+
+    def _permutation(self, engine) -> list[int]:
+        # Its own draw: the order stream's seed at the fork step, salted.
+        seed = engine.contract.seed("order", self.start) ^ (0x5EED * int(self.values["salt"]))
+        generator = torch.Generator().manual_seed(seed & ((1 << 63) - 1))
+        return torch.randperm(self.window, generator=generator).tolist()
+
+    def batch_ids(self, engine, step, ids):
+        if self.start <= step < self.end:
+            perm = self._permutation(engine)
+            return engine.policy.batch_ids(self.start + perm[step - self.start])
+        return ids
+
+
+@_register
+class SwitchPolicy(Perturbation):
+    name = "switch_policy"
+    touches = ("order",)
+    summary = "switch the sampling policy from the fork step on (e.g. to=with_replacement)"
+    params = {"to": ...}
+
+    def _policy(self, engine):
+        if getattr(self, "_made", None) is None:
+            self._made = make_policy(self.values["to"], engine.program.dataset_size(), engine.program.batch_size,
+                                     engine.contract)
+        return self._made
+
+    def batch_ids(self, engine, step, ids):
+        return self._policy(engine).batch_ids(step) if step >= self.start else ids
+
+
+@_register
+class DropExamples(Perturbation):
+    name = "drop_examples"
+    touches = ("order",)
+    summary = "drop example ids from every batch for the rest of the run (batches shrink)"
+    params = {"ids": ...}
+
+    def _check_values(self):
+        ids = self.values["ids"]
+        if isinstance(ids, int):
+            ids = [ids]
+        if not isinstance(ids, Sequence) or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ValueError(f"drop_examples: ids must be a list of example ids, got {ids!r}")
+        self.values["ids"] = sorted(set(ids))
+
+    def check(self, engine):
+        n = engine.program.dataset_size()
+        bad = [i for i in self.values["ids"] if i >= n]
+        if bad:
+            raise PerturbationRefused(f"drop_examples: ids {bad} are outside the dataset (size {n})")
+
+    def batch_ids(self, engine, step, ids):
+        if step < self.start:
+            return ids
+        dropped = set(self.values["ids"])
+        kept = [i for i in ids if i not in dropped]
+        if not kept:
+            raise PerturbationRefused(f"drop_examples: every example of step {step}'s batch was dropped")
+        return kept
+
+
+@_register
+class InjectExample(Perturbation):
+    name = "inject_example"
+    touches = ("order",)
+    summary = "put an example into the batches of the window: replace the first slot, or add it (duplicate=true)"
+    params = {"id": ..., "duplicate": False}
+
+    def check(self, engine):
+        if not 0 <= self.values["id"] < engine.program.dataset_size():
+            raise PerturbationRefused(f"inject_example: id {self.values['id']} is outside the dataset")
+
+    def batch_ids(self, engine, step, ids):
+        if not self.start <= step < self.end:
+            return ids
+        if self.values["duplicate"]:
+            return list(ids) + [self.values["id"]]
+        return [self.values["id"]] + list(ids[1:])
+
+
+# ------------------------------------------------------------------- auxiliary state ----
+
+
+@_register
+class FlushComponent(Perturbation):
+    name = "flush"
+    summary = "reset a named extra component (a queue, a memory bank) to its initial state"
+    params = {"component": ...}
+
+    @property
+    def touches(self):
+        return (f"component:{self.values['component']}",)
+
+    def check(self, engine):
+        if self.values["component"] not in engine.components:
+            raise PerturbationRefused(
+                f"flush: the program has no component {self.values['component']!r} (it has {sorted(engine.components) or 'none'})"
+            )
+
+    def apply(self, engine):
+        name = self.values["component"]
+        torch.manual_seed(engine.contract.seed("init", 0))  # the factory's own randomness, as at build
+        fresh = engine.program.components(engine.model)[name]
+        engine.components[name].load_state_dict(fresh.state_dict())
+
+
+# ------------------------------------------------------------------------------- path ----
+
+
+def _named_parameter(engine, name):
+    params = dict(engine.model.named_parameters())
+    if name is None:
+        name = next(iter(params))
+    if name not in params:
+        raise PerturbationRefused(f"no parameter named {name!r} (the model has {list(params)[:8]} ...)")
+    return name, params[name]
+
+
+@_register
+class BitFlip(Perturbation):
+    name = "bitflip"
+    touches = ("model",)
+    summary = "flip one bit (default: the lowest) of one weight (default: element 0 of the first parameter)"
+    params = {"param": None, "index": 0, "bit": 0}
+
+    @torch.no_grad()
+    def apply(self, engine):
+        name, p = _named_parameter(engine, self.values["param"])
+        index, bit = int(self.values["index"]), int(self.values["bit"])
+        if p.dtype != torch.float32 or not 0 <= bit < 32:
+            raise PerturbationRefused(f"bitflip: needs a float32 parameter and a bit in [0, 32); {name} is {p.dtype}")
+        if not 0 <= index < p.numel():
+            raise PerturbationRefused(f"bitflip: index {index} is outside {name} ({p.numel()} elements)")
+        words = p.view(-1).view(torch.int32)
+        mask = torch.tensor(1 << bit if bit < 31 else -(1 << 31), dtype=torch.int32)
+        words[index] ^= mask
+
+
+@_register
+class WeightNoise(Perturbation):
+    name = "weight_noise"
+    touches = ("model",)
+    summary = "add Gaussian noise of standard deviation `std` to the weights, from its own random stream"
+    params = {"std": ..., "param": None, "salt": 1}
+
+    @torch.no_grad()
+    def apply(self, engine):
+        seed = engine.contract.seed("init", 0) ^ (0x0015E * int(self.values["salt"])) ^ self.start
+        generator = torch.Generator().manual_seed(seed & ((1 << 63) - 1))
+        targets = [_named_parameter(engine, self.values["param"])[1]] if self.values["param"] else list(engine.model.parameters())
+        for p in targets:
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * float(self.values["std"]))
+
+
+@_register
+class LrScale(Perturbation):
+    name = "lr_scale"
+    summary = "multiply the learning rate by `factor` over the window"
+    params = {"factor": ...}
+
+    def begin_step(self, engine, step):
+        saved = [group["lr"] for group in engine.optimizer.param_groups]
+        for group in engine.optimizer.param_groups:
+            group["lr"] = group["lr"] * float(self.values["factor"])
+        return saved
+
+    def end_step(self, engine, step, token):
+        for group, lr in zip(engine.optimizer.param_groups, token):
+            group["lr"] = lr
+
+
+# -------------------------------------------------------------------------- randomness ----
+
+
+@_register
+class Reseed(Perturbation):
+    name = "reseed"
+    summary = "re-seed one named random stream from the fork step on (every other stream unchanged)"
+    params = {"stream": ..., "salt": 1}
+
+    @property
+    def touches(self):
+        return (f"rng:{self.values['stream']}",)
+
+    def contract(self, contract):
+        if self.values["stream"] not in contract.streams:
+            raise PerturbationRefused(f"reseed: no stream {self.values['stream']!r} (streams: {list(contract.streams)})")
+        return contract.with_reseed(self.values["stream"], self.start, int(self.values["salt"]))
+
+
+# ------------------------------------------------------------------------------ specs ----
+
+
+def _parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if "+" in text and all(re.fullmatch(r"\d+", part) for part in text.split("+")):
+        return [int(part) for part in text.split("+")]
+    return text
+
+
+def parse_spec(text: str) -> dict:
+    """'name' or 'name:key=value,key=value' (a list of ids as 3+17+42) -> a JSON spec."""
+    name, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"name": name.strip()}
+    if rest.strip():
+        for item in rest.split(","):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"perturbation spec {text!r}: expected key=value, got {item!r}")
+            spec[key.strip()] = _parse_value(value.strip())
+    return spec
+
+
+def from_spec(spec: str | Mapping, *, start: int | None = None, window: int | None = None) -> Perturbation:
+    """A perturbation from a short spec string or a JSON dict; start/window fill in what the
+    spec leaves out."""
+    spec = parse_spec(spec) if isinstance(spec, str) else dict(spec)
+    name = spec.pop("name", None)
+    if name not in REGISTRY:
+        raise ValueError(f"unknown perturbation {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    spec.setdefault("start", 0 if start is None else start)
+    spec.setdefault("window", 1 if window is None else window)
+    return REGISTRY[name](**spec)
+
+
+def catalogue() -> list[tuple[str, str, dict]]:
+    """(name, summary, parameters) of every primitive, for `replay fork --list`."""
+    return [(name, cls.summary, {k: (None if v is ... else v) for k, v in cls.params.items()})
+            for name, cls in sorted(REGISTRY.items())]
