@@ -4,6 +4,10 @@
     replay resume DIR                                     continue a stopped recording
     replay verify DIR [--from A] [--to B]                 replay and compare with the ledger
     replay inspect DIR [--json]                           summary, checkpoints, order, environment
+    replay fork RUN --at T --perturb SPEC [...] --out DIR  a counterfactual child run
+    replay check RUN [--at T ...]                         placebo forks: is all state captured?
+    replay tree DIR                                       the lineage tree of the runs below DIR
+    replay diff A B                                       where two runs part, per component
 """
 
 from __future__ import annotations
@@ -103,6 +107,60 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_fork(args) -> int:
+    from .fork import ForkSession
+    from .perturb import catalogue
+
+    if args.list:
+        for name, summary, params in catalogue():
+            shown = ", ".join(f"{k}={v}" for k, v in params.items())
+            print(f"{name:<16} {summary}" + (f"  ({shown})" if shown else ""))
+        return 0
+    if args.run is None or args.at is None or not args.perturb or args.out is None:
+        raise ValueError("replay fork needs RUN, --at, at least one --perturb and --out (or --list)")
+    session = ForkSession(args.run, args.at, progress=not args.no_progress,
+                          allow_source_change=args.allow_source_change,
+                          allow_environment_change=args.allow_environment_change)
+    out = session.fork(args.out, args.perturb, window=args.window, steps=args.steps, until=args.until)
+    print(f"forked {args.run} at step {args.at} into {out}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .fork import check
+
+    with RunDir.open(args.run) as run:
+        first = run.manifest.get("first_step", 0)
+        last = run.ledger.last_step()
+    if last is None:
+        raise ValueError(f"{args.run}: no recorded steps")
+    at = args.at or sorted({first + (last + 1 - first) * k // 4 for k in (1, 2, 3)})
+    results = check(args.run, at, steps=args.steps, workers=args.workers)
+    failed = 0
+    for r in results:
+        if r["divergence"] is None:
+            print(f"placebo fork at step {r['at']}: identical to the parent through step {r['end'] - 1}")
+        else:
+            failed += 1
+            print(f"placebo fork at step {r['at']}: DIVERGES, state the program does not capture:")
+            print("  " + r["divergence"].replace("\n", "\n  "))
+    return 1 if failed else 0
+
+
+def _cmd_tree(args) -> int:
+    from .lineage import tree
+
+    print(tree(args.dir))
+    return 0
+
+
+def _cmd_diff(args) -> int:
+    from .lineage import diff
+
+    print(diff(args.a, args.b).describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="replay", description="Deterministic replay for PyTorch training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +199,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("fork", help="fork a run at a step with a perturbation")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--at", type=int, help="the fork step T")
+    p.add_argument("--perturb", action="append", default=[],
+                   help="name or name:key=value,...; repeat to compose (see --list)")
+    p.add_argument("--window", type=int, default=1, help="act over steps [T, T+W)")
+    p.add_argument("--steps", type=int, help="run this many steps after T")
+    p.add_argument("--until", type=int, help="run up to this step (default: the parent's end)")
+    p.add_argument("--out")
+    p.add_argument("--list", action="store_true", help="list the perturbation primitives")
+    p.add_argument("--no-progress", action="store_true")
+    allow_flags(p)
+    p.set_defaults(func=_cmd_fork)
+
+    p = sub.add_parser("check", help="placebo forks at several steps: find state the program fails to capture")
+    p.add_argument("run")
+    p.add_argument("--at", type=int, nargs="+", help="fork steps (default: at 1/4, 1/2 and 3/4 of the run)")
+    p.add_argument("--steps", type=int, help="steps to run after each fork (default: to the end)")
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("tree", help="the lineage tree of the runs below a folder")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_tree)
+
+    p = sub.add_parser("diff", help="the first step where two runs differ, per component")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(func=_cmd_diff)
     return parser
 
 

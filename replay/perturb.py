@@ -640,5 +640,5 @@ def from_spec(spec: str | Mapping, *, start: int | None = None, window: int | No
 
 def catalogue() -> list[tuple[str, str, dict]]:
     """(name, summary, parameters) of every primitive, for `replay fork --list`."""
-    return [(name, cls.summary, {k: (None if v is ... else v) for k, v in cls.params.items()})
+    return [(name, cls.summary, {k: ("<required>" if v is ... else v) for k, v in cls.params.items()})
             for name, cls in sorted(REGISTRY.items())]
