@@ -8,6 +8,9 @@
     replay check RUN [--at T ...]                         placebo forks: is all state captured?
     replay tree DIR                                       the lineage tree of the runs below DIR
     replay diff A B                                       where two runs part, per component
+    replay experiment SPEC.toml --out DIR [--workers N]   seeds x forks x arms -> estimates
+    replay report DIR [--out report.html]                 the audit report of an experiment
+    replay demo [--quick] [--out DIR]                     the digits demo, end to end
 """
 
 from __future__ import annotations
@@ -161,6 +164,63 @@ def _cmd_diff(args) -> int:
     return 0
 
 
+def print_estimates(results: dict) -> None:
+    """The estimates table at the primary horizon and distance, one row per arm."""
+    exp = results["experiment"]
+    d, h = exp["primary_distance"], exp["primary_horizon"]
+    rows = [e for e in results["estimates"] if e["distance"] == d and e["horizon"] == h]
+    life = {(l["arm"], l.get("program"), l["fork_step"]): l for l in results["lifetimes"]}
+    print(f"\n{exp['name']}: {d} on the probe set ({exp['probe']['size']} examples), "
+          f"{len(exp['seeds'])} seeds, {h} steps after each intervention window\n")
+    head = f"{'arm':<16}{'fork':>5} {'effect':>10} {'95% BCa interval':>22} {'floor':>9} {'ratio':>7} {'q':>7}  half-life (95% CI)"
+    print(head)
+    print("-" * len(head))
+    for e in rows:
+        lt = life.get((e["arm"], e.get("program"), e["fork_step"]))
+        if e["arm"] == "placebo":
+            half = "exactly 0 (checked)" if results["placebo"]["exact_zero"] else "NOT ZERO"
+        elif lt is None:
+            half = "reference" if e.get("reference") else "-"
+        else:
+            half = f"{lt['half_life']:.1f} ({lt['interval'][0]:.1f}, {lt['interval'][1]:.1f})"
+        interval = f"({e['bca'][0]:.4f}, {e['bca'][1]:.4f})"
+        print(f"{e['arm']:<16}{e['fork_step']:>5} {e['mean']:>10.4f} {interval:>22} {e['noise_floor']:>9.4f} "
+              f"{e['ratio']:>7.2f} {e['q_value']:>7.3f}  {half}")
+    print()
+
+
+def _cmd_experiment(args) -> int:
+    from .experiment import Experiment, ExperimentSpec
+
+    results = Experiment(ExperimentSpec.from_toml(args.spec), args.out).run(workers=args.workers,
+                                                                             progress=not args.no_progress)
+    print_estimates(results)
+    print(f"results in {args.out}/results.json; `replay report {args.out}` writes the report")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import load_results, write_report
+
+    out = args.out or f"{args.dir}/report.html"
+    html, md = write_report(load_results(args.dir), out)
+    print(f"wrote {html} and {md}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from . import demo
+    from .experiment import Experiment
+    from .report import write_report
+
+    out = args.out or ("replay-demo-quick" if args.quick else "replay-demo")
+    results = Experiment(demo.spec(quick=args.quick), out).run(workers=args.workers, progress=not args.no_progress)
+    print_estimates(results)
+    html, md = write_report(results, f"{out}/report.html")
+    print(f"report: {html} (and {md}); runs and evaluations in {out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="replay", description="Deterministic replay for PyTorch training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +289,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a")
     p.add_argument("b")
     p.set_defaults(func=_cmd_diff)
+
+    p = sub.add_parser("experiment", help="run an experiment spec (TOML): seeds x fork steps x arms")
+    p.add_argument("spec")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("report", help="write the HTML (and Markdown) audit report of an experiment")
+    p.add_argument("dir")
+    p.add_argument("--out", help="default: DIR/report.html")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("demo", help="the digits training-memory demo, end to end (no downloads)")
+    p.add_argument("--quick", action="store_true", help="3 seeds and short runs, about a minute")
+    p.add_argument("--out")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

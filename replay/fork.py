@@ -123,10 +123,11 @@ class ForkSession:
         return result
 
     def fork(self, out: str | os.PathLike, perturb, *, window: int = 1, steps: int | None = None,
-             until: int | None = None) -> Path:
+             until: int | None = None, observe=None) -> Path:
         """Write a child run to `out`: the perturbations act at the fork step (or over
         [T, T + window)), then the child runs under the parent's policies to `until` (default:
-        the parent's last step) or for `steps` steps."""
+        the parent's last step) or for `steps` steps. `observe(engine)` is called after every
+        step of the child."""
         perturbations = self.perturbations(perturb, window)
         if steps is not None and until is not None:
             raise ValueError("give steps or until, not both")
@@ -162,7 +163,7 @@ class ForkSession:
             run.save_checkpoint(self.at, self.state)
             run.ledger.add_event("intervention_window", {"start": self.at, "end": max(p.end for p in perturbations),
                                                          "perturbations": [p.to_json() for p in perturbations]})
-            _record_steps(run, engine, end, self.progress)
+            _record_steps(run, engine, end, self.progress, observe)
         return Path(out)
 
     def placebo_check(self, steps: int | None = None) -> PlaceboReport:

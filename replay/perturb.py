@@ -375,17 +375,21 @@ class RecomputeBn(Perturbation):
 class SwapWindows(Perturbation):
     name = "swap_windows"
     touches = ("order",)
-    summary = "swap the batches of steps [a, a+w) with those of [b, b+w) (defaults: a = the fork step)"
-    params = {"a": None, "b": ..., "w": 1}
+    summary = ("swap the batches of steps [a, a+w) with those of [b, b+w) (a defaults to the fork step; "
+               "give b, or offset for b = a + offset)")
+    params = {"a": None, "b": None, "w": 1, "offset": None}
 
     def _check_values(self):
         a = self.start if self.values["a"] is None else self.values["a"]
-        b, w = self.values["b"], self.values["w"]
+        if (self.values["b"] is None) == (self.values["offset"] is None):
+            raise ValueError("swap_windows: give exactly one of b (a step) and offset (b = a + offset)")
+        b = a + self.values["offset"] if self.values["b"] is None else self.values["b"]
+        w = self.values["w"]
         if a < self.start or b < self.start:
             raise ValueError(f"swap_windows: both windows must start at or after the fork step {self.start}")
         if w < 1 or (a < b + w and b < a + w):
             raise ValueError(f"swap_windows: windows [{a}, {a + w}) and [{b}, {b + w}) must not overlap")
-        self.values["a"] = a
+        self.values["a"], self.values["b"], self.values["offset"] = a, b, None
 
     def batch_ids(self, engine, step, ids):
         a, b, w = self.values["a"], self.values["b"], self.values["w"]

@@ -89,11 +89,14 @@ class RecordSession:
             "environment": env_module.environment(),
         }
 
-    def run(self) -> Path:
+    def run(self, observe=None) -> Path:
+        """Record the run; `observe(engine)` is called after every step."""
         engine = Engine(self.program, Engine.contract_for(self.program))
+        if observe is not None:
+            observe(engine)
         with RunDir.create(self.out, self._manifest(engine)) as run:
             run.save_checkpoint(0, engine.state_dict())
-            _record_steps(run, engine, self.program.steps, self.progress)
+            _record_steps(run, engine, self.program.steps, self.progress, observe)
         return self.out
 
     @staticmethod
@@ -117,7 +120,9 @@ class RecordSession:
         return Path(run_dir)
 
 
-def _record_steps(run: RunDir, engine: Engine, total: int, progress: bool) -> None:
+def _record_steps(run: RunDir, engine: Engine, total: int, progress: bool, observe=None) -> None:
+    """Run the engine to `total` completed steps, writing ledger rows and checkpoints; `observe`
+    (if given) is called with the engine after every step (experiments evaluate probes there)."""
     counts = set(run.manifest["checkpoints"]["counts"])
     bar = _progress(total - engine.completed, "record", progress)
     pending: list[StepRow] = []
@@ -125,6 +130,8 @@ def _record_steps(run: RunDir, engine: Engine, total: int, progress: bool) -> No
     try:
         while engine.completed < total:
             record = engine.run_step()
+            if observe is not None:
+                observe(engine)
             pending.append(_row(record))
             if record.epoch not in known_epochs:
                 order_hash = engine.policy.epoch_order_hash(record.epoch)
