@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make quickstart   install into .venv, then run the quick start (the main job, for now)
+#   make demo         install into .venv, then run `replay demo` (the main job)
 #   make test         install into .venv, then run the test suite
 # The extension is built against the torch installed first (CPU build 2.13.0 by default;
 # TORCH_SPEC=torch==2.14.1 gives a CUDA build, and then the CUDA kernels are built too).
@@ -10,17 +10,19 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: install quickstart test bench clean
+.PHONY: install demo quickstart test bench clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet numpy safetensors tqdm scikit-learn pytest ninja wheel "setuptools>=64"
+	$(PY) -m pip install --quiet numpy scipy matplotlib safetensors tqdm scikit-learn pytest ninja wheel "setuptools>=64"
 	$(PY) -m pip install --quiet --no-build-isolation -e .
 	touch $@
+
+demo: install
+	$(VENV)/bin/replay demo
 
 quickstart: install
 	$(PY) examples/quickstart.py
@@ -31,6 +33,8 @@ test: install
 bench: install
 	$(PY) benches/optimizer_step.py
 	$(PY) benches/fingerprint.py
+	$(PY) benches/record_overhead.py
+	$(PY) benches/fork_latency.py
 
 clean:
 	rm -rf build replay/_C*.so *.egg-info

@@ -20,7 +20,6 @@ the runs in flight.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import json
 import math
@@ -40,7 +39,7 @@ import torch
 from . import estimands as est
 from .fork import ForkSession
 from .perturb import from_spec
-from .program import load_program
+from .program import import_reference, load_program
 from .session import RecordSession
 from .store import RunDir, RunError
 from .store.atomic import atomic_write_bytes, atomic_write_json, sha256_bytes
@@ -123,13 +122,15 @@ class ExperimentSpec:
         with open(path, "rb") as f:
             data = tomllib.load(f)
         base = Path(path).resolve().parent
-        # Program references relative to the spec file's folder.
-        for holder in [data] + list(data.get("arms", [])):
-            ref = holder.get("program")
+        # File references (programs, the probe source) are relative to the spec file's folder.
+        holders = [(data, "program")] + [(arm, "program") for arm in data.get("arms", [])]
+        holders.append((data.get("probe", {}), "source"))
+        for holder, key in holders:
+            ref = holder.get(key)
             if ref and ".py:" in ref and not os.path.isabs(ref):
                 candidate = base / ref.split(":")[0]
                 if candidate.exists():
-                    holder["program"] = f"{candidate}:{ref.rsplit(':', 1)[1]}"
+                    holder[key] = f"{candidate}:{ref.rsplit(':', 1)[1]}"
         return cls(**data)
 
     def to_json(self) -> dict:
@@ -156,8 +157,10 @@ def _slug(ref: str) -> str:
 
 
 def load_probe(spec: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
-    module, _, name = spec["source"].partition(":")
-    x, y = getattr(importlib.import_module(module), name)()
+    """(inputs, labels, SHA-256 of both) from the probe's source, 'module:callable' or
+    'path/file.py:callable' returning (inputs, labels)."""
+    source, _, _ = import_reference(spec["source"])
+    x, y = source()
     x, y = torch.as_tensor(x).contiguous(), torch.as_tensor(y).contiguous()
     h = hashlib.sha256()
     for t in (x, y):

@@ -215,13 +215,18 @@ def file_sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def load_program(reference: str) -> tuple[Program, ProgramSource]:
-    """Import the program a reference names, with the file that defines it and that file's hash."""
+def import_reference(reference: str):
+    """(object, source path, source SHA-256) for 'module:attribute' or 'path/file.py:attribute'."""
     target, attribute = _split_reference(reference)
     module, path, sha256 = _import_target(target)
     if not hasattr(module, attribute):
-        raise ValueError(f"{target!r} has no attribute {attribute!r} (program reference {reference!r})")
-    obj = getattr(module, attribute)
+        raise ValueError(f"{target!r} has no attribute {attribute!r} (reference {reference!r})")
+    return getattr(module, attribute), path, sha256
+
+
+def load_program(reference: str) -> tuple[Program, ProgramSource]:
+    """Import the program a reference names, with the file that defines it and that file's hash."""
+    obj, path, sha256 = import_reference(reference)
     program = obj() if callable(obj) and not isinstance(obj, Program) else obj
     if not isinstance(program, Program):
         raise ValueError(f"{reference!r} is a {type(program).__name__}, not a replay.Program (or a function returning one)")
