@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import estimands as est
 from .fork import ForkSession
 from .perturb import from_spec
 from .program import import_reference, load_program
@@ -361,6 +360,8 @@ class Experiment:
     # ---------------------------------------------------------------------- estimates ----
 
     def estimate(self) -> dict:
+        from . import estimands as est  # scipy: imported only when estimating
+
         spec = self.spec
         x, y, probe_sha = load_probe(spec.probe)
         labels = y.numpy()
@@ -475,6 +476,8 @@ class Experiment:
         return results
 
     def _lifetime(self, arm: Arm, key: str, T: int, per_h: dict) -> dict:
+        from . import estimands as est
+
         d = self.spec.primary_distance
         hs = [h for h in self.spec.horizons if (d, h) in per_h]
         raw = np.array([per_h[(d, h)][0] for h in hs]).T  # [seeds, horizons]
@@ -575,6 +578,8 @@ def _probabilities(logits: torch.Tensor) -> np.ndarray:
 
 
 def _distance(name: str, a: dict, b: dict, step: int, labels: np.ndarray) -> float:
+    from . import estimands as est
+
     la, lb = a[f"logits@{step}"], b[f"logits@{step}"]
     if torch.equal(la.view(torch.int32), lb.view(torch.int32)) and name not in ("param_l2", "cka"):
         return 0.0
