@@ -217,15 +217,20 @@ class Recorder:
         from safetensors.torch import save
 
         data = save(self.tensors)
-        atomic_write_bytes(path.with_suffix(".safetensors"), data)
-        atomic_write_json(path.with_suffix(".json"), {"sha256": sha256_bytes(data), "steps": sorted(self.steps)})
+        atomic_write_bytes(_with(path, ".safetensors"), data)
+        atomic_write_json(_with(path, ".json"), {"sha256": sha256_bytes(data), "steps": sorted(self.steps)})
+
+
+def _with(path: Path, suffix: str) -> Path:
+    # Not Path.with_suffix: run names contain dots ("seed-1.forks").
+    return path.parent / (path.name + suffix)
 
 
 def load_evaluations(path: Path) -> dict[str, torch.Tensor] | None:
     """The evaluations of a run, or None if missing or failing their hash."""
     from safetensors.torch import load
 
-    meta_path, data_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    meta_path, data_path = _with(path, ".json"), _with(path, ".safetensors")
     if not (meta_path.exists() and data_path.exists()):
         return None
     try:
