@@ -77,16 +77,16 @@ def parameter_distance(state_a: Mapping, state_b: Mapping) -> tuple[float, dict[
     if set(state_a) != set(state_b):
         raise ValueError("parameter_distance needs two states with the same names")
     per = {}
-    total_sq = 0.0
-    for name in state_a:
+    squares = []
+    for name in sorted(state_a):  # sorted and fsum: the same value whatever the dicts' order
         raw_a, raw_b = np.asarray(state_a[name]), np.asarray(state_b[name])
         if not np.issubdtype(raw_a.dtype, np.floating):
             continue
         a, b = raw_a.astype(np.float64), raw_b.astype(np.float64)
         sq = float(((a - b) ** 2).sum())
         per[name] = math.sqrt(sq)
-        total_sq += sq
-    return math.sqrt(total_sq), per
+        squares.append(sq)
+    return math.sqrt(math.fsum(squares)), per
 
 
 def linear_cka(x, y) -> float:
@@ -248,7 +248,8 @@ def fit_decay(horizons, excess_per_seed, *, n_resamples: int = 500, random_state
         boot.append(f[1] if f is not None else np.inf)
     boot = np.asarray(boot)
     boot[boot > 100 * span] = np.inf  # a resample whose excess does not decay either
-    interval = (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
+    with np.errstate(invalid="ignore"):  # inf resamples: percentiles of inf are inf
+        interval = (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
     reason = ""
     if half_life > 100 * span:
         reason = f"the excess does not decay over the horizons measured (fitted half-life {half_life:.3g})"
