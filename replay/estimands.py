@@ -248,8 +248,8 @@ def fit_decay(horizons, excess_per_seed, *, n_resamples: int = 500, random_state
         boot.append(f[1] if f is not None else np.inf)
     boot = np.asarray(boot)
     boot[boot > 100 * span] = np.inf  # a resample whose excess does not decay either
-    with np.errstate(invalid="ignore"):  # inf resamples: percentiles of inf are inf
-        interval = (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
+    # Order statistics, not interpolation: resamples whose excess does not decay are inf.
+    interval = (float(np.percentile(boot, 2.5, method="lower")), float(np.percentile(boot, 97.5, method="higher")))
     reason = ""
     if half_life > 100 * span:
         reason = f"the excess does not decay over the horizons measured (fitted half-life {half_life:.3g})"
