@@ -160,7 +160,6 @@ class ForkSession:
             },
         }
         with RunDir.create(out, manifest) as run:
-            run.save_checkpoint(self.at, self.state)
             run.ledger.add_event("intervention_window", {"start": self.at, "end": max(p.end for p in perturbations),
                                                          "perturbations": [p.to_json() for p in perturbations]})
             _record_steps(run, engine, end, self.progress, observe)

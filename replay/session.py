@@ -95,7 +95,6 @@ class RecordSession:
         if observe is not None:
             observe(engine)
         with RunDir.create(self.out, self._manifest(engine)) as run:
-            run.save_checkpoint(0, engine.state_dict())
             _record_steps(run, engine, self.program.steps, self.progress, observe)
         return self.out
 
@@ -120,14 +119,58 @@ class RecordSession:
         return Path(run_dir)
 
 
+class _CheckpointWriter:
+    """Writes checkpoints on a background thread while training goes on, and records each in the
+    ledger (on the calling thread) once its files are durable.
+
+    The state is copied when the checkpoint is due, so later steps cannot change it. Rows come
+    first, then the checkpoint: a checkpoint is only recorded once every row before it is
+    durable, so a resume from it never lacks a row; a crash before the record leaves a complete
+    but unrecorded folder, which is ignored. At most one checkpoint is in flight.
+    """
+
+    def __init__(self, run: RunDir):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run = run
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-checkpoint")
+        self.in_flight: tuple[int, object] | None = None
+
+    def submit(self, step: int, state: dict) -> None:
+        import copy
+
+        from .store.checkpoint import write_checkpoint
+
+        self.collect(block=True)
+        if self.run.ledger.checkpoint_files(step) is not None:
+            self.run.ledger.remove_checkpoint(step)
+        snapshot = copy.deepcopy(state)
+        self.in_flight = (step, self.pool.submit(write_checkpoint, self.run.checkpoints_dir, step, snapshot))
+
+    def collect(self, block: bool = False) -> None:
+        if self.in_flight is None:
+            return
+        step, future = self.in_flight
+        if block or future.done():
+            self.in_flight = None
+            self.run.ledger.record_checkpoint(step, future.result())
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 def _record_steps(run: RunDir, engine: Engine, total: int, progress: bool, observe=None) -> None:
-    """Run the engine to `total` completed steps, writing ledger rows and checkpoints; `observe`
-    (if given) is called with the engine after every step (experiments evaluate probes there)."""
+    """Run the engine to `total` completed steps, writing ledger rows and checkpoints (including
+    one at the current step if it is due and not yet recorded); `observe` (if given) is called
+    with the engine after every step (experiments evaluate probes there)."""
     counts = set(run.manifest["checkpoints"]["counts"])
     bar = _progress(total - engine.completed, "record", progress)
     pending: list[StepRow] = []
     known_epochs = run.ledger.epochs()
+    writer = _CheckpointWriter(run)
     try:
+        if engine.completed in counts and engine.completed not in run.ledger.checkpoints():
+            writer.submit(engine.completed, engine.state_dict())
         while engine.completed < total:
             record = engine.run_step()
             if observe is not None:
@@ -139,18 +182,19 @@ def _record_steps(run: RunDir, engine: Engine, total: int, progress: bool, obser
                     run.ledger.record_epoch(record.epoch, order_hash)
                 known_epochs[record.epoch] = order_hash
             if engine.completed in counts:
-                # Rows first, then the checkpoint: a checkpoint is only recorded once every row
-                # before it is durable, so a resume from it never lacks a row.
                 run.ledger.append_steps(pending)
                 pending = []
-                run.save_checkpoint(engine.completed, engine.state_dict())
+                writer.submit(engine.completed, engine.state_dict())
+            writer.collect()
             if bar is not None:
                 bar.update(1)
                 if record.loss is not None:
                     bar.set_postfix(loss=f"{record.loss:.4f}", refresh=False)
         run.ledger.append_steps(pending)
+        writer.collect(block=True)
         run.mark_complete()
     finally:
+        writer.close()
         if bar is not None:
             bar.close()
 
