@@ -27,6 +27,7 @@ from .engine import Engine
 from .perturb import Perturbation, from_spec
 from .rng import RngContract
 from .schedule import checkpoint_counts
+from .program import load_program
 from .session import (
     Divergence,
     _check_restored_state,
@@ -35,6 +36,7 @@ from .session import (
     _record_steps,
     compare_record,
     engine_for_run,
+    program_as_recorded,
 )
 from .store import RunDir, RunError
 
@@ -103,9 +105,14 @@ class ForkSession:
         self._parent_engine = engine
 
     def _child_engine(self, perturbations: Sequence[Perturbation]) -> Engine:
+        # A freshly loaded program for every child, as a child restored in a new process would
+        # have: Python-level state the program keeps outside its checkpoints (a module-level
+        # counter, say) then shows as a divergence instead of leaking from parent to child.
+        # (A program referenced as an installed module is imported once per process.)
         parent = self.manifest
+        program = program_as_recorded(load_program(parent["program"]["reference"])[0], parent)
         parent_perturbations = [from_spec(s) for s in parent.get("lineage", {}).get("perturbations", [])]
-        engine = Engine(self.program, RngContract.from_json(parent["rng"]), parent["order"],
+        engine = Engine(program, RngContract.from_json(parent["rng"]), parent["order"],
                         parent_perturbations + list(perturbations))
         engine.load_state_dict(copy.deepcopy(self.state))
         return engine
@@ -216,7 +223,10 @@ def fork_many(parent, at: int, children: Sequence[dict], *, workers: int = 1, pr
 
 
 def _check_one(parent: str, at: int, steps: int | None) -> dict:
-    report = ForkSession(parent, at, progress=False).placebo_check(steps)
+    try:
+        report = ForkSession(parent, at, progress=False).placebo_check(steps)
+    except ForkError as error:  # the replay from the checkpoint before `at` already diverges
+        return {"at": at, "end": at, "divergence": str(error)}
     return {"at": at, "end": report.end, "divergence": None if report.ok else report.divergence.describe()}
 
 

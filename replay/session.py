@@ -286,6 +286,11 @@ def _program_for_run(run: RunDir, allow_source_change: bool, allow_environment_c
                 "(--allow-environment-change), which the run records."
             )
         run.ledger.add_event(f"{action}:environment_change_allowed", {k: list(v) for k, v in diffs.items()})
+    return program_as_recorded(program, manifest)
+
+
+def program_as_recorded(program: Program, manifest: dict) -> Program:
+    """The program with the seed, length and checkpoint schedule the run was recorded with."""
     return program.with_overrides(seed=manifest["seed"], steps=manifest["steps"],
                                   checkpoint_every=manifest["checkpoints"]["every"],
                                   checkpoint_log_spaced=manifest["checkpoints"]["log_spaced"])
