@@ -118,6 +118,38 @@ class FusedOptimizerMixin:
     _replay_float_keys: tuple[str, ...] = ()
     _replay_uses_sqrt = False
 
+    def __init__(self, params, *args, numerics: str = "portable", fingerprint: bool = True, **kwargs):
+        self.numerics = _numerics.check_choice(numerics)
+        self.fingerprint = bool(fingerprint)
+        super().__init__(params, *args, **kwargs)  # the torch.optim class: its arguments and defaults
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One fused kernel call per param group (torch.optim's step contract, closure included)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._replay_check_groups()
+        indices = state_indices(self.param_groups)
+        record = StepFingerprints()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                check_param_and_grad(self._replay_name, p)
+            columns, sums, extra = self._replay_group_step(group, params)
+            if self.fingerprint:
+                record.add([indices[id(p)] for p in params], columns, sums, extra)
+        self._replay_last = record
+        return loss
+
+    def _replay_group_step(self, group: dict, params: list[torch.Tensor]):
+        """Run the kernel on one group's parameters that have gradients; return, per parameter,
+        the (state name, tensor) pairs the kernel fingerprinted, the sums, and extra entries."""
+        raise NotImplementedError
+
     def add_param_group(self, param_group: dict) -> None:  # noqa: D401 (torch's signature)
         super().add_param_group(param_group)
         check_param_group(self._replay_name, self.param_groups[-1], self._replay_float_keys)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _numerics, _ops
-from ._common import FusedOptimizerMixin, StepFingerprints, check_param_and_grad, contiguous_grad, state_indices
+from .. import _ops
+from ._common import FusedOptimizerMixin, contiguous_grad
 
 
 class SGD(FusedOptimizerMixin, torch.optim.SGD):
@@ -20,59 +20,36 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
     _replay_name = "SGD"
     _replay_float_keys = ("lr", "momentum", "dampening", "weight_decay")
 
-    def __init__(self, params, *args, numerics: str = "portable", fingerprint: bool = True, **kwargs):
-        self.numerics = _numerics.check_choice(numerics)
-        self.fingerprint = bool(fingerprint)
-        super().__init__(params, *args, **kwargs)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._replay_check_groups()
-        indices = state_indices(self.param_groups)
-        record = StepFingerprints()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
+    def _replay_group_step(self, group, params):
+        momentum = group["momentum"]
+        buffers, first_step = [], []
+        if momentum != 0:
             for p in params:
-                check_param_and_grad(self._replay_name, p)
-            momentum = group["momentum"]
-            buffers, first_step = [], []
+                buf = self.state[p].get("momentum_buffer")
+                first_step.append(buf is None)
+                if buf is None:
+                    # torch clones the gradient here; the kernel writes the buffer in full.
+                    buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    self.state[p]["momentum_buffer"] = buf
+                buffers.append(buf)
+        sums = _ops.sgd_step_(
+            params,
+            [contiguous_grad(p) for p in params],
+            buffers,
+            first_step,
+            lr=group["lr"],
+            momentum=momentum,
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            numerics=self._replay_numerics(params[0].device),
+            fingerprint=self.fingerprint,
+        )
+        columns = []
+        for k, p in enumerate(params):
+            named = [("param", p)]
             if momentum != 0:
-                for p in params:
-                    buf = self.state[p].get("momentum_buffer")
-                    first_step.append(buf is None)
-                    if buf is None:
-                        # torch clones the gradient here; the kernel writes the buffer in full.
-                        buf = torch.empty_like(p, memory_format=torch.contiguous_format)
-                        self.state[p]["momentum_buffer"] = buf
-                    buffers.append(buf)
-            sums = _ops.sgd_step_(
-                params,
-                [contiguous_grad(p) for p in params],
-                buffers,
-                first_step,
-                lr=group["lr"],
-                momentum=momentum,
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                numerics=self._replay_numerics(params[0].device),
-                fingerprint=self.fingerprint,
-            )
-            if not self.fingerprint:
-                continue
-            columns = []
-            for k, p in enumerate(params):
-                named = [("param", p)]
-                if momentum != 0:
-                    named.append(("momentum_buffer", buffers[k]))
-                columns.append(named)
-            record.add([indices[id(p)] for p in params], columns, sums)
-        self._replay_last = record
-        return loss
+                named.append(("momentum_buffer", buffers[k]))
+            columns.append(named)
+        return columns, sums, None
