@@ -254,14 +254,7 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   const char* op = "replay::sgd_step_";
   const Numerics mode = checked_numerics(numerics, op);
   const bool has_momentum = momentum != 0.0;
-  check_float_list(op, "params", params, params, c10::DeviceType::CPU);
-  check_float_list(op, "grads", grads, params, c10::DeviceType::CPU);
-  if (has_momentum) {
-    check_float_list(op, "momentum_buffers", momentum_buffers, params, c10::DeviceType::CPU);
-    TORCH_CHECK(first_step.size() == params.size(), op, ": first_step needs one flag per param");
-  } else {
-    TORCH_CHECK(momentum_buffers.empty(), op, ": momentum_buffers must be empty when momentum == 0");
-  }
+  check_sgd_args(op, params, grads, momentum_buffers, first_step, has_momentum, c10::DeviceType::CPU);
   const kernels::SgdScalars s = kernels::make_sgd_scalars(weight_decay, momentum,
                                                           one_minus_dampening, neg_lr, nesterov,
                                                           maximize);
@@ -291,17 +284,8 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   const char* op = "replay::adam_step_";
   const Numerics mode = checked_numerics(numerics, op);
   check_torch_sqrt(mode);
-  check_float_list(op, "params", params, params, c10::DeviceType::CPU);
-  check_float_list(op, "grads", grads, params, c10::DeviceType::CPU);
-  check_float_list(op, "exp_avgs", exp_avgs, params, c10::DeviceType::CPU);
-  check_float_list(op, "exp_avg_sqs", exp_avg_sqs, params, c10::DeviceType::CPU);
-  if (amsgrad) {
-    check_float_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, c10::DeviceType::CPU);
-  } else {
-    TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs must be empty without amsgrad");
-  }
-  TORCH_CHECK(neg_step_sizes.size() == params.size() && bias_correction2_sqrts.size() == params.size(),
-              op, ": neg_step_sizes and bias_correction2_sqrts need one value per param");
+  check_adam_args(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, neg_step_sizes,
+                  bias_correction2_sqrts, amsgrad, c10::DeviceType::CPU);
   const kernels::AdamScalars s =
       kernels::make_adam_scalars(lerp_weight, beta2, one_minus_beta2, eps, weight_decay,
                                  decay_factor, decoupled, amsgrad, maximize);

@@ -116,14 +116,7 @@ at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads,
   const char* op = "replay::sgd_step_";
   check_portable(numerics, op);
   const bool has_momentum = momentum != 0.0;
-  check_float_list(op, "params", params, params, kCUDA);
-  check_float_list(op, "grads", grads, params, kCUDA);
-  if (has_momentum) {
-    check_float_list(op, "momentum_buffers", momentum_buffers, params, kCUDA);
-    TORCH_CHECK(first_step.size() == params.size(), op, ": first_step needs one flag per param");
-  } else {
-    TORCH_CHECK(momentum_buffers.empty(), op, ": momentum_buffers must be empty when momentum == 0");
-  }
+  check_sgd_args(op, params, grads, momentum_buffers, first_step, has_momentum, kCUDA);
   TORCH_CHECK(!params.empty(), op, ": no params");
   const c10::Device device = params[0].device();
   check_same_device(op, "params", params, device);
@@ -158,17 +151,8 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                           bool fingerprint, int64_t numerics) {
   const char* op = "replay::adam_step_";
   check_portable(numerics, op);
-  check_float_list(op, "params", params, params, kCUDA);
-  check_float_list(op, "grads", grads, params, kCUDA);
-  check_float_list(op, "exp_avgs", exp_avgs, params, kCUDA);
-  check_float_list(op, "exp_avg_sqs", exp_avg_sqs, params, kCUDA);
-  if (amsgrad) {
-    check_float_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, kCUDA);
-  } else {
-    TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs must be empty without amsgrad");
-  }
-  TORCH_CHECK(neg_step_sizes.size() == params.size() && bias_correction2_sqrts.size() == params.size(),
-              op, ": neg_step_sizes and bias_correction2_sqrts need one value per param");
+  check_adam_args(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, neg_step_sizes,
+                  bias_correction2_sqrts, amsgrad, kCUDA);
   TORCH_CHECK(!params.empty(), op, ": no params");
   const c10::Device device = params[0].device();
   check_same_device(op, "params", params, device);
