@@ -27,7 +27,8 @@ import re
 import shutil
 import secrets
 
-import safetensors.torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 
 from .atomic import TEMP_PREFIX, fsync_dir, sha256_bytes
 from .encode import flatten_state, unflatten_state
@@ -117,7 +118,7 @@ def write_checkpoint(checkpoints_dir: str | os.PathLike, step: int, state) -> di
         # safetensors.torch.save gives the same bytes save_file would write; writing them
         # ourselves gives one write, an fsync before close, the hash of exactly those bytes,
         # and the usual file mode.
-        tensor_bytes = safetensors.torch.save(tensors)
+        tensor_bytes = save_safetensors_bytes(tensors)
         del tensors
         _write_file_durably(os.path.join(tmp, TENSORS_FILE), tensor_bytes)
         _write_file_durably(os.path.join(tmp, STATE_FILE), state_bytes)
@@ -188,7 +189,7 @@ def read_checkpoint(checkpoints_dir: str | os.PathLike, step: int, expected: dic
 
     tensors_path = os.path.join(folder, TENSORS_FILE)
     try:
-        loaded = safetensors.torch.load(data[TENSORS_FILE])
+        loaded = load_safetensors_bytes(data[TENSORS_FILE])  # safetensors: never pickle
     except Exception as e:  # safetensors raises its own SafetensorError, among others
         raise CorruptRunError(tensors_path, f"not a valid safetensors file: {e}") from None
     # safetensors.torch.load views immutable bytes objects; give each tensor its own storage
