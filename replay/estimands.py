@@ -1,258 +1,652 @@
 """Estimands: function-space distances, seed-paired effects, intervals, tests and lifetimes.
 
-Definitions (docs/estimands.md, after shared/notes/estimands.md). Probability inputs are [n, k]
-arrays whose rows sum to one; distances are averaged over the n probe examples; logarithms are
-natural. Every distance of an input with itself is exactly 0.0.
+The definitions are those of docs/estimands.md (after the project's estimands note). Everything
+here is a pure function of numpy arrays (torch tensors are accepted and converted): no I/O, no
+global random state (every resampling takes a fixed ``random_state``), so equal inputs give equal
+outputs bit for bit.
+
+Conventions
+-----------
+* Predictive distributions are ``[n, k]`` arrays: n probe examples, k classes, each row a
+  probability vector (non-negative, summing to 1 within 1e-4, so float32 softmax outputs pass).
+  A 1-D array is one example. Inputs are computed on in float64.
+* Distances are per-example distances averaged over the n examples (the mean over the probe set).
+* Logarithms are natural (nats): Jensen-Shannon lies in [0, ln 2], cross-entropy is in nats.
+* Exact zeros are allowed in probabilities: 0 * log(0 / x) is taken as 0, never NaN.
+* Every distance of an input with itself is exactly 0.0 (bit for bit, not 1e-17), and each
+  distance is clipped into its mathematical range so rounding never leaves it.
+* Per-seed values are the unit of resampling for every interval ("seed-paired": a value is the
+  difference between a seed's fork and the same seed's factual run, so resampling values
+  resamples seeds with their pairing intact).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+LN2 = math.log(2.0)
+ROW_SUM_TOLERANCE = 1e-4  # |sum_k p_k - 1| allowed per row (float32 softmax over many classes)
+LOSS_EPS = 1e-12  # cross-entropy clamp: -log(max(p[label], eps)) <= 27.63 nats
+NAN = float("nan")
+
+__all__ = [
+    "total_variation", "jensen_shannon", "hellinger", "disagreement", "accuracy", "loss",
+    "parameter_distance", "linear_cka", "DISTANCES",
+    "paired_effect", "noise_floor", "noise_ratio", "benjamini_hochberg", "tost",
+    "excess_effect", "fit_decay",
+]
+
+
+# ------------------------------------------------------------------------------ helpers ----
+
+
+def _numpy(x, *, dtype=np.float64) -> np.ndarray:
+    """A float64 numpy copy/view of a numpy array, a sequence or a (CPU or device) torch tensor."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu()
+        if dtype is not None and x.is_floating_point():
+            import torch
+
+            x = x.to(torch.float64)
+        x = x.numpy()
+    return np.asarray(x, dtype=dtype) if dtype is not None else np.asarray(x)
+
+
+def _is_floating(x) -> bool:
+    if hasattr(x, "is_floating_point"):  # torch.Tensor (bf16 has no numpy dtype)
+        return bool(x.is_floating_point())
+    return bool(np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def _probabilities(p, name: str) -> np.ndarray:
+    p = _numpy(p)
+    if p.ndim == 1:
+        p = p[None, :]
+    if p.ndim != 2 or p.shape[1] == 0:
+        raise ValueError(f"{name}: expected an [n, k] probability array, got shape {p.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"{name}: probabilities must be finite")
+    if np.any(p < 0):
+        raise ValueError(f"{name}: probabilities must be non-negative")
+    sums = p.sum(axis=1)
+    if np.any(np.abs(sums - 1.0) > ROW_SUM_TOLERANCE):
+        worst = float(sums[np.argmax(np.abs(sums - 1.0))])
+        raise ValueError(f"{name}: rows must sum to 1 (within {ROW_SUM_TOLERANCE}); a row sums to {worst!r} "
+                         "(logits? apply softmax first)")
+    return p
+
 
 def _pq(p, q) -> tuple[np.ndarray, np.ndarray]:
-    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
-    if p.shape != q.shape or p.ndim != 2:
-        raise ValueError(f"distances take two [n, k] probability arrays of one shape, got {p.shape} and {q.shape}")
+    p, q = _probabilities(p, "p"), _probabilities(q, "q")
+    if p.shape != q.shape:
+        raise ValueError(f"distances take two probability arrays of one shape, got {p.shape} and {q.shape}")
+    if p.shape[0] == 0:
+        raise ValueError("distances need at least one probe example")
     return p, q
+
+
+def _labels(labels, n: int) -> np.ndarray:
+    y = _numpy(labels, dtype=None)
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be {n} integers, got shape {y.shape} and dtype {y.dtype}")
+    return y
 
 
 # ---------------------------------------------------------------------------- distances ----
 
 
 def total_variation(p, q) -> float:
-    """TV = mean over examples of 1/2 * sum_k |p_k - q_k|, in [0, 1]."""
+    """Total variation distance, the primary distance.
+
+    TV(p, q) = mean over examples x of 1/2 * sum_k |p_k(x) - q_k(x)|, in [0, 1]. Symmetric;
+    exactly 0.0 when p and q are equal; 1 for disjoint supports.
+    """
     p, q = _pq(p, q)
-    return float(np.mean(0.5 * np.abs(p - q).sum(axis=1)))
+    per_example = np.minimum(0.5 * np.abs(p - q).sum(axis=1), 1.0)
+    return float(np.mean(per_example))
 
 
-def _kl_terms(p: np.ndarray, m: np.ndarray) -> np.ndarray:
-    # p * log(p / m) with 0 * log(0 / m) = 0; m >= p / 2 > 0 wherever p > 0.
+def _half_kl_to_mid(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per example sum_k p_k * log(p_k / m_k), m = (p + q) / 2, written as p * log(2p / (p + q)):
+    p + q >= p > 0 wherever the term is taken, so no division by an underflowed m, and p == q
+    gives log(2p / (p + p)) = log(1) = 0 exactly. Terms with p_k = 0 are 0."""
     out = np.zeros_like(p)
     mask = p > 0
-    out[mask] = p[mask] * np.log(p[mask] / m[mask])
-    return out
+    pm = p[mask]
+    out[mask] = pm * np.log((2.0 * pm) / (pm + q[mask]))
+    return out.sum(axis=1)
 
 
 def jensen_shannon(p, q) -> float:
-    """JS = mean of 1/2 KL(p || m) + 1/2 KL(q || m), m = (p + q) / 2, natural log: in [0, ln 2]."""
+    """Jensen-Shannon divergence in nats (natural log).
+
+    JS(p, q) = mean over examples of 1/2 KL(p || m) + 1/2 KL(q || m), m = (p + q) / 2,
+    with 0 * log 0 = 0. In [0, ln 2] (ln 2 for disjoint supports); symmetric; exactly 0.0 for
+    equal inputs. It is the divergence, not its square root (the JS distance).
+    """
     p, q = _pq(p, q)
-    if np.array_equal(p, q):
-        return 0.0
-    m = 0.5 * (p + q)
-    js = 0.5 * _kl_terms(p, m).sum(axis=1) + 0.5 * _kl_terms(q, m).sum(axis=1)
-    return float(np.mean(np.maximum(js, 0.0)))
+    per_example = 0.5 * _half_kl_to_mid(p, q) + 0.5 * _half_kl_to_mid(q, p)
+    return float(np.mean(np.clip(per_example, 0.0, LN2)))
 
 
 def hellinger(p, q) -> float:
-    """H = mean of sqrt(1/2 * sum_k (sqrt p_k - sqrt q_k)^2), in [0, 1]."""
+    """Hellinger distance.
+
+    H(p, q) = mean over examples of sqrt(1/2 * sum_k (sqrt p_k - sqrt q_k)^2), in [0, 1]
+    (1 for disjoint supports). Symmetric; exactly 0.0 for equal inputs.
+    """
     p, q = _pq(p, q)
-    return float(np.mean(np.sqrt(0.5 * ((np.sqrt(p) - np.sqrt(q)) ** 2).sum(axis=1))))
+    per_example = np.sqrt(0.5 * ((np.sqrt(p) - np.sqrt(q)) ** 2).sum(axis=1))
+    return float(np.mean(np.minimum(per_example, 1.0)))
 
 
 def disagreement(p, q) -> float:
-    """Churn: the fraction of examples whose argmax differs (ties go to the lowest index)."""
+    """Disagreement (churn): the fraction of examples whose predicted class differs,
+    argmax p(x) != argmax q(x). Ties are broken by the lowest class index (numpy's argmax), for
+    both inputs alike. In [0, 1]; exactly 0.0 for equal inputs."""
     p, q = _pq(p, q)
     return float(np.mean(np.argmax(p, axis=1) != np.argmax(q, axis=1)))
 
 
 def accuracy(p, labels) -> float:
-    """Fraction of examples whose argmax is the label."""
-    p = np.asarray(p)
-    return float(np.mean(np.argmax(p, axis=1) == np.asarray(labels)))
+    """Accuracy: the fraction of examples whose argmax (ties: lowest index) equals the integer
+    label. The signed effect of a fork is accuracy(q) - accuracy(p)."""
+    p = _probabilities(p, "p")
+    y = _labels(labels, p.shape[0])
+    return float(np.mean(np.argmax(p, axis=1) == y))
 
 
-def loss(p, labels, eps: float = 1e-12) -> float:
-    """Mean cross-entropy -log p[label] (natural log; probabilities clamped below at eps)."""
-    p = np.asarray(p, dtype=np.float64)
-    picked = p[np.arange(p.shape[0]), np.asarray(labels)]
+def loss(p, labels, eps: float = LOSS_EPS) -> float:
+    """Mean cross-entropy in nats: mean over examples of -log(max(p[label], eps)).
+
+    The clamp at ``eps`` (default 1e-12, so at most 27.63 nats per example) keeps a probability
+    of exactly zero on the label finite. The signed effect of a fork is loss(q) - loss(p)."""
+    p = _probabilities(p, "p")
+    y = _labels(labels, p.shape[0])
+    if np.any((y < 0) | (y >= p.shape[1])):
+        raise ValueError(f"labels must lie in [0, {p.shape[1]})")
+    picked = p[np.arange(p.shape[0]), y]
     return float(np.mean(-np.log(np.maximum(picked, eps))))
 
 
 def parameter_distance(state_a: Mapping, state_b: Mapping) -> tuple[float, dict[str, float]]:
-    """(total L2 distance, {name: L2 distance}) over the floating tensors of two state dicts."""
+    """Weight-space L2 distance of two state dicts with the same names.
+
+    Returns (total, per_layer): per_layer[name] = ||a[name] - b[name]||_2 over every floating
+    entry (parameters and floating buffers such as BatchNorm running statistics; integer entries
+    such as ``num_batches_tracked`` are skipped), computed in float64; total = sqrt(sum of the
+    squared per-layer distances) = the L2 distance of the concatenated floating entries. Names
+    are visited in sorted order and summed with math.fsum, so the result does not depend on the
+    dicts' order. Equal states give exactly 0.0. Torch tensors (any device, bf16/fp16) and numpy
+    arrays are accepted. Raises ValueError on different names, shapes or kinds.
+    """
     if set(state_a) != set(state_b):
-        raise ValueError("parameter_distance needs two states with the same names")
-    per = {}
+        missing = sorted(set(state_a) ^ set(state_b))
+        raise ValueError(f"parameter_distance needs two states with the same names; differing: {missing[:5]}")
+    per: dict[str, float] = {}
     squares = []
-    for name in sorted(state_a):  # sorted and fsum: the same value whatever the dicts' order
-        raw_a, raw_b = np.asarray(state_a[name]), np.asarray(state_b[name])
-        if not np.issubdtype(raw_a.dtype, np.floating):
+    for name in sorted(state_a):
+        float_a, float_b = _is_floating(state_a[name]), _is_floating(state_b[name])
+        if float_a != float_b:
+            raise ValueError(f"parameter_distance: {name!r} is floating in one state and not the other")
+        if not float_a:
             continue
-        a, b = raw_a.astype(np.float64), raw_b.astype(np.float64)
-        sq = float(((a - b) ** 2).sum())
+        a, b = _numpy(state_a[name]), _numpy(state_b[name])
+        if a.shape != b.shape:
+            raise ValueError(f"parameter_distance: {name!r} has shapes {a.shape} and {b.shape}")
+        sq = float(np.sum((a - b) ** 2))
         per[name] = math.sqrt(sq)
         squares.append(sq)
     return math.sqrt(math.fsum(squares)), per
 
 
 def linear_cka(x, y) -> float:
-    """Linear CKA (Kornblith et al. 2019) of representations [n, d1] and [n, d2]:
-    ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centered Xc, Yc. 1 for identical
-    representations (up to rounding), invariant to orthogonal maps and isotropic scaling."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError("linear_cka needs representations of the same examples")
+    """Linear centered kernel alignment (Kornblith et al. 2019) of two representations of the
+    same n examples, x: [n, d1], y: [n, d2] (e.g. one layer's activations in two runs).
+
+    With column-centered Xc, Yc:  CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F * ||Yc^T Yc||_F),
+    a similarity in [0, 1]: 1 for identical representations, invariant to orthogonal transforms
+    and isotropic scaling of either input (not to arbitrary invertible maps). Identical inputs
+    return exactly 1.0; equivalent ones (rotated, scaled) 1.0 up to float64 rounding (~1e-15).
+    The result is clipped into [0, 1]. NaN when either representation is constant over the
+    examples (zero after centering). Computed in float64 in the feature-space form, or in the
+    equivalent Gram form <Kx, Ky>_F / (||Kx||_F ||Ky||_F), Kx = Xc Xc^T, when n is smaller than
+    the widths. The experiment reports 1 - CKA as a distance.
+    """
+    x, y = _numpy(x), _numpy(y)
+    if x.ndim == 1:
+        x = x[:, None]
+    if y.ndim == 1:
+        y = y[:, None]
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"linear_cka needs [n, d] representations of the same n examples, got {x.shape} and {y.shape}")
+    if x.shape[0] < 2 or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        return NAN
     x = x - x.mean(axis=0)
     y = y - y.mean(axis=0)
-    cross = np.linalg.norm(y.T @ x) ** 2
-    norm = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+    if nx == 0 or ny == 0:
+        return NAN
+    if np.array_equal(x, y):
+        return 1.0
+    x, y = x / nx, y / ny  # CKA is scale invariant; this keeps the squares far from overflow
+    n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
+    if n * n * (d1 + d2) < n * (d1 * d2 + d1 * d1 + d2 * d2):
+        kx, ky = x @ x.T, y @ y.T
+        cross = float(np.sum(kx * ky))
+        norm = float(np.linalg.norm(kx) * np.linalg.norm(ky))
+    else:
+        cross = float(np.linalg.norm(y.T @ x) ** 2)
+        norm = float(np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
     if norm == 0:
-        return float("nan")
-    return float(cross / norm)
+        return NAN
+    return float(min(max(cross / norm, 0.0), 1.0))
+
+
+#: The probability distances by the names experiment specs use.
+DISTANCES: dict[str, Callable] = {
+    "tv": total_variation,
+    "js": jensen_shannon,
+    "hellinger": hellinger,
+    "disagreement": disagreement,
+}
 
 
 # ------------------------------------------------------------------- effects, intervals ----
 
 
-def paired_effect(values, *, n_resamples: int = 2000, confidence: float = 0.95, random_state: int = 0) -> dict:
-    """The seed-paired effect: mean of per-seed values with a BCa bootstrap interval (resampling
-    seeds; scipy.stats.bootstrap), a t interval, the two-sided one-sample t test against 0 and the
-    standard error. All values equal (a placebo arm's exact zeros): mean, intervals (v, v) and
-    p_value 1.0 for v == 0 (nan otherwise). Fewer than two seeds: nan intervals with a reason."""
+def _values(values) -> np.ndarray:
+    v = np.atleast_1d(_numpy(values))
+    if v.ndim > 1:
+        v = v.squeeze()
+    if v.ndim != 1:
+        raise ValueError(f"expected a 1-D array of per-seed values, got shape {v.shape}")
+    return v
+
+
+def _se(v: np.ndarray) -> float:
+    """Standard error of the mean, sd(ddof=1) / sqrt(n), scaled first so tiny values (1e-300)
+    do not underflow to a zero variance."""
+    scale = float(np.max(np.abs(v)))
+    return scale * float((v / scale).std(ddof=1)) / math.sqrt(v.size) if scale > 0 else 0.0
+
+
+def _bootstrap_kwargs(random_state: int) -> dict:
+    # scipy >= 1.15 takes rng=Generator; older versions only random_state.
     from scipy import stats
 
-    v = np.asarray(values, dtype=np.float64)
+    if "rng" in inspect.signature(stats.bootstrap).parameters:
+        return {"rng": np.random.default_rng(random_state)}
+    return {"random_state": random_state}
+
+
+def paired_effect(values, *, n_resamples: int = 2000, confidence: float = 0.95, random_state: int = 0) -> dict:
+    """The seed-paired effect tau = mean over seeds of the per-seed values, with intervals.
+
+    ``values`` are the n per-seed values (one per seed: D(p^s, q^s) for a distance, or
+    metric(q^s) - metric(p^s) for a signed metric, or the excess over a reference arm). Returns
+
+    * ``mean``: tau; ``n``: number of seeds; ``se``: sample sd (ddof=1) / sqrt(n);
+    * ``bca``: (lo, hi), the BCa bootstrap interval of the mean at ``confidence``
+      (scipy.stats.bootstrap, method="BCa", resampling seeds with replacement, ``n_resamples``
+      resamples, generator seeded with ``random_state``: reproducible). Where BCa is undefined
+      (e.g. a single non-zero value among zeros makes the jackknife degenerate) the percentile
+      interval is given instead and ``method``/``reason`` say so;
+    * ``t``: (lo, hi), the paired (one-sample) t interval mean +- t_{n-1, (1+confidence)/2} * se;
+    * ``p_value``: the two-sided one-sample t test of mean == 0; ``t_stat``;
+    * ``method``, ``confidence``, ``n_resamples``, ``reason`` ("" when nothing is degenerate).
+
+    Degenerate cases never crash and never invent precision:
+    * all values equal to v (a placebo arm: exactly 0.0): mean v, se 0, both intervals (v, v);
+      p_value 1.0 when v == 0 (no evidence of an effect), NaN when v != 0 (zero variance: the
+      t test is undefined) -- ``reason`` says which;
+    * fewer than two seeds: intervals, se and p_value NaN, ``reason`` says so;
+    * non-finite values: everything NaN, ``reason`` says so.
+    """
+    from scipy import stats
+
+    v = _values(values)
     n = int(v.size)
-    out = {"mean": float(v.mean()) if n else float("nan"), "n": n, "se": float("nan"),
-           "bca": (float("nan"), float("nan")), "t": (float("nan"), float("nan")), "p_value": float("nan"), "reason": ""}
+    out = {"mean": NAN, "n": n, "se": NAN, "bca": (NAN, NAN), "t": (NAN, NAN), "p_value": NAN, "t_stat": NAN,
+           "method": "BCa", "confidence": float(confidence), "n_resamples": int(n_resamples), "reason": ""}
+    if not 0 < confidence < 1:
+        raise ValueError("confidence must lie in (0, 1)")
+    if n == 0:
+        out["reason"] = "no seeds"
+        return out
+    if not np.all(np.isfinite(v)):
+        out["reason"] = "non-finite per-seed values"
+        return out
+    out["mean"] = float(v.mean()) + 0.0  # + 0.0: -0.0 becomes 0.0
     if n < 2:
-        out["reason"] = "fewer than two seeds: no interval"
+        out["reason"] = "fewer than two seeds: no interval, no test"
         return out
     if np.all(v == v[0]):
-        out.update(se=0.0, bca=(float(v[0]), float(v[0])), t=(float(v[0]), float(v[0])),
-                   p_value=1.0 if v[0] == 0 else float("nan"), reason="all seeds equal")
+        c = float(v[0]) + 0.0
+        out.update(mean=c, se=0.0, bca=(c, c), t=(c, c))
+        if c == 0.0:
+            out.update(p_value=1.0, t_stat=0.0, reason="all seeds exactly zero")
+        else:
+            out["reason"] = "all seeds equal and non-zero: zero variance, the t test is undefined"
         return out
-    se = float(v.std(ddof=1) / math.sqrt(n))
+    se = _se(v)
     tcrit = float(stats.t.ppf(0.5 + confidence / 2, n - 1))
+    m = out["mean"]
     out["se"] = se
-    out["t"] = (out["mean"] - tcrit * se, out["mean"] + tcrit * se)
-    out["p_value"] = float(stats.ttest_1samp(v, 0.0).pvalue)
-    try:
-        res = stats.bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                              method="BCa", random_state=random_state)
-        out["bca"] = (float(res.confidence_interval.low), float(res.confidence_interval.high))
-    except Exception as error:  # degenerate resamples: fall back to the percentile method, said so
-        res = stats.bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                              method="percentile", random_state=random_state)
-        out["bca"] = (float(res.confidence_interval.low), float(res.confidence_interval.high))
-        out["reason"] = f"BCa failed ({error}); percentile interval"
-    if any(math.isnan(b) for b in out["bca"]):
-        out["reason"] = "BCa interval undefined for these values"
+    out["t"] = (m - tcrit * se, m + tcrit * se)
+    out["t_stat"] = m / se if se > 0 else math.copysign(math.inf, m)
+    out["p_value"] = float(2 * stats.t.sf(abs(out["t_stat"]), n - 1)) if se > 0 else 0.0
+    out["bca"] = _bootstrap_mean(v, n_resamples, confidence, random_state, out)
     return out
 
 
-def noise_floor(per_seed_predictions: Sequence, distance, *, n_resamples: int = 1000, random_state: int = 0) -> dict:
-    """Mean over unordered pairs of different seeds of distance(p_s, p_s'), the pair values, and
-    a percentile interval from resampling seeds (pairs of a resample with distinct seeds)."""
+def _bootstrap_mean(v: np.ndarray, n_resamples: int, confidence: float, random_state: int, out: dict) -> tuple:
+    from scipy import stats
+
+    def run(method):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DegenerateDataWarning, divide warnings: handled below
+            res = stats.bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                                  method=method, **_bootstrap_kwargs(random_state))
+        return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+    try:
+        lo, hi = run("BCa")
+        if math.isnan(lo) or math.isnan(hi):
+            raise ValueError("BCa interval undefined for these values")
+        return lo, hi
+    except (ValueError, FloatingPointError, ZeroDivisionError) as error:
+        out["method"] = "percentile"
+        out["reason"] = f"BCa not computable ({error}); percentile bootstrap interval instead"
+        return run("percentile")
+
+
+def noise_floor(per_seed_predictions: Sequence, distance: Callable | str = "tv", *, n_resamples: int = 1000,
+                confidence: float = 0.95, random_state: int = 0) -> dict:
+    """The seed noise floor tau_seed = mean over unordered pairs {s, s'} of different seeds of
+    distance(p^s, p^s'): the run-to-run variability of the whole recipe at one step.
+
+    ``per_seed_predictions`` holds one [n, k] array per seed (factual runs at the same step);
+    ``distance`` is a function of two of them (for a signed metric pass |metric(a) - metric(b)|)
+    or a name in DISTANCES. Returns ``mean``, ``pairs`` (the pair values, in the order of
+    ``pair_index``), ``pair_index`` [(i, j), i < j], ``n_seeds``, ``interval`` and ``reason``.
+
+    Interval: a percentile bootstrap over seeds. Each resample draws k seed indices with
+    replacement and recomputes the mean over its pairs of two *different* seeds (a seed drawn
+    twice is never paired with itself: D(p, p) = 0 is not run-to-run variation); resamples
+    with fewer than two distinct seeds are skipped and counted in ``skipped``. Generator seeded
+    with ``random_state``. Fewer than two seeds: mean NaN; two seeds: one pair, interval
+    (value, value) with a reason.
+    """
+    if isinstance(distance, str):
+        distance = DISTANCES[distance]
     preds = list(per_seed_predictions)
     k = len(preds)
-    pairs = {(i, j): distance(preds[i], preds[j]) for i in range(k) for j in range(i + 1, k)}
-    mean = float(np.mean(list(pairs.values()))) if pairs else float("nan")
+    index = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    pairs = [float(distance(preds[i], preds[j])) for i, j in index]
+    out = {"mean": NAN, "pairs": pairs, "pair_index": index, "n_seeds": k, "interval": (NAN, NAN),
+           "confidence": float(confidence), "n_resamples": int(n_resamples), "skipped": 0, "reason": ""}
+    if k < 2:
+        out["reason"] = "fewer than two seeds: no pair"
+        return out
+    if not all(math.isfinite(x) for x in pairs):
+        out["reason"] = "non-finite pair distances"
+        return out
+    out["mean"] = float(np.mean(pairs))
+    if k == 2:
+        out["interval"] = (pairs[0], pairs[0])
+        out["reason"] = "two seeds: a single pair, the interval is degenerate"
+        return out
+    matrix = np.zeros((k, k))
+    for (i, j), value in zip(index, pairs):
+        matrix[i, j] = matrix[j, i] = value
     rng = np.random.default_rng(random_state)
-    means = []
-    for _ in range(n_resamples):
-        pick = rng.integers(0, k, k)
-        vals = [pairs[(min(a, b), max(a, b))] for x, a in enumerate(pick) for b in pick[x + 1:] if a != b]
-        if vals:
-            means.append(np.mean(vals))
-    lo, hi = (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))) if means else (float("nan"),) * 2
-    return {"mean": mean, "pairs": list(pairs.values()), "interval": (lo, hi)}
+    picks = rng.integers(0, k, size=(n_resamples, k))
+    sub = matrix[picks[:, :, None], picks[:, None, :]]  # [B, k, k]
+    upper = np.triu(np.ones((k, k), dtype=bool), 1)[None]
+    use = upper & (picks[:, :, None] != picks[:, None, :])
+    counts = use.sum(axis=(1, 2))
+    ok = counts > 0
+    means = (sub * use).sum(axis=(1, 2))[ok] / counts[ok]
+    out["skipped"] = int((~ok).sum())
+    if means.size:
+        tail = 100 * (1 - confidence) / 2
+        out["interval"] = (float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)))
+    return out
+
+
+def noise_ratio(effect: float, floor: float) -> float:
+    """tau / tau_seed: the share of ordinary run-to-run variation one perturbation causes
+    (1.0: as much as changing the seed). NaN when the floor is not a positive finite number."""
+    if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0 and math.isfinite(effect)):
+        return NAN
+    return float(effect) / float(floor)
 
 
 def benjamini_hochberg(p_values, alpha: float = 0.05) -> tuple[list[float], list[bool]]:
-    """BH-adjusted q-values (monotone) and which hypotheses are rejected at `alpha`; nan p-values
-    stay nan and are not rejected."""
-    p = np.asarray(p_values, dtype=np.float64)
-    q = np.full(p.shape, np.nan)
+    """Benjamini-Hochberg false discovery rate control across hypotheses (e.g. arms).
+
+    With the m non-NaN p-values sorted, p_(1) <= ... <= p_(m), the adjusted value of rank i is
+    q_(i) = min over j >= i of min(1, p_(j) * m / j) (monotone in p; ties get equal q), and a
+    hypothesis is rejected when q <= alpha -- the same set as the BH step-up rule "reject the i
+    smallest for the largest i with p_(i) <= i * alpha / m". NaN p-values (untestable, e.g. the
+    placebo's undefined test) keep q = NaN, are not rejected and do not count in m. Returns
+    (q_values, rejected) as lists in the input order. Matches scipy.stats.false_discovery_control.
+    """
+    p = _numpy(p_values).ravel()
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must lie in (0, 1)")
     valid = ~np.isnan(p)
+    if np.any((p[valid] < 0) | (p[valid] > 1)):
+        raise ValueError("p-values must lie in [0, 1]")
+    q = np.full(p.shape, NAN)
     m = int(valid.sum())
     if m:
-        order = np.argsort(p[valid])
-        ranked = p[valid][order] * m / np.arange(1, m + 1)
+        pv = p[valid]
+        order = np.argsort(pv, kind="stable")
+        ranked = pv[order] * m / np.arange(1, m + 1)
         ranked = np.minimum.accumulate(ranked[::-1])[::-1]
         adjusted = np.empty(m)
         adjusted[order] = np.minimum(ranked, 1.0)
         q[valid] = adjusted
-    rejected = [bool(not np.isnan(x) and x <= alpha) for x in q]
+    rejected = [bool(not math.isnan(x) and x <= alpha) for x in q]
     return [float(x) for x in q], rejected
 
 
 def tost(values, margin: float, alpha: float = 0.05) -> dict:
-    """Two one-sided t tests that the mean lies within (-margin, margin): equivalent when both
-    reject at `alpha` (p_value is the larger of the two). Identical values: exact decision."""
+    """Equivalence test (two one-sided t tests, TOST) that the mean of the per-seed values lies
+    inside (-margin, margin): the way to claim "no memory" (a failed difference test is not).
+
+    H0a: mean <= -margin, p_lower = P(T_{n-1} >= (mean + margin) / se);
+    H0b: mean >= +margin, p_upper = P(T_{n-1} <= (mean - margin) / se).
+    p_value = max(p_lower, p_upper); ``equivalent`` when p_value < alpha, i.e. exactly when the
+    (1 - 2 alpha) t interval lies inside (-margin, margin). All values equal to v: the exact
+    limit (p 0.0 and equivalent when -margin < v < margin, else p 1.0). Fewer than two seeds or
+    non-finite values: p NaN, not equivalent, with a reason. Returns p_value, p_lower, p_upper,
+    equivalent, mean, se, n, margin, reason.
+    """
     from scipy import stats
 
-    v = np.asarray(values, dtype=np.float64)
-    if v.size < 2:
-        return {"p_value": float("nan"), "equivalent": False}
+    if not margin > 0:
+        raise ValueError("the equivalence margin must be positive")
+    v = _values(values)
+    n = int(v.size)
+    out = {"p_value": NAN, "p_lower": NAN, "p_upper": NAN, "equivalent": False, "mean": NAN, "se": NAN,
+           "n": n, "margin": float(margin), "reason": ""}
+    if n < 2 or not np.all(np.isfinite(v)):
+        out["reason"] = "fewer than two seeds" if n < 2 else "non-finite per-seed values"
+        if n and np.all(np.isfinite(v)):
+            out["mean"] = float(v.mean())
+        return out
+    mean = float(v.mean())
+    out["mean"] = mean
     if np.all(v == v[0]):
-        inside = -margin < v[0] < margin
-        return {"p_value": 0.0 if inside else 1.0, "equivalent": bool(inside)}
-    se = v.std(ddof=1) / math.sqrt(v.size)
-    df = v.size - 1
-    p_low = 1 - stats.t.cdf((v.mean() + margin) / se, df)
-    p_high = stats.t.cdf((v.mean() - margin) / se, df)
-    p = float(max(p_low, p_high))
-    return {"p_value": p, "equivalent": bool(p < alpha)}
+        inside = -margin < mean < margin
+        p = 0.0 if inside else 1.0
+        out.update(p_value=p, p_lower=0.0 if mean > -margin else 1.0, p_upper=0.0 if mean < margin else 1.0,
+                   equivalent=bool(inside), se=0.0, reason="all seeds equal: exact decision")
+        return out
+    se = _se(v)
+    df = n - 1
+    p_lower = float(stats.t.sf((mean + margin) / se, df))
+    p_upper = float(stats.t.cdf((mean - margin) / se, df))
+    p = max(p_lower, p_upper)
+    out.update(p_value=p, p_lower=p_lower, p_upper=p_upper, equivalent=bool(p < alpha), se=se)
+    return out
 
 
 # ----------------------------------------------------------------------------- lifetimes ----
 
 
-def _fit(h: np.ndarray, e: np.ndarray) -> tuple[float, float] | None:
-    """Least-squares fit of e(h) = A * exp(-ln2 * h / T_half), A >= 0, T_half > 0 (mean curve
-    clipped at zero first: the floor at zero). None when there is nothing to fit."""
-    from scipy.optimize import curve_fit
-
-    e = np.maximum(e, 0.0)
-    if not np.any(e > 0):
-        return None
-    span = max(float(h.max() - h.min()), 1.0)
-
-    def model(x, amplitude, half_life):
-        return amplitude * np.exp(-math.log(2) * x / half_life)
-
-    guess = (float(e.max()), span / 2)
-    try:
-        (amplitude, half_life), _ = curve_fit(model, h, e, p0=guess, bounds=([0.0, 1e-6], [np.inf, 1e6]), maxfev=20000)
-    except (RuntimeError, ValueError):
-        return None
-    return float(amplitude), float(half_life)
+def excess_effect(arm_per_seed, reference_per_seed) -> np.ndarray:
+    """Per-seed excess effect e_s(h) = D_s(P, h) - D_s(bitflip, h), arrays [n_seeds, n_h] of the
+    same seeds (rows) and delays (columns). Averaging the rows gives e(h) = tau(P, h) -
+    tau(bitflip, h); fit_decay takes the per-seed rows so that its interval resamples seeds."""
+    a, r = np.atleast_2d(_numpy(arm_per_seed)), np.atleast_2d(_numpy(reference_per_seed))
+    if a.shape != r.shape:
+        raise ValueError(f"arm and reference values must have one shape, got {a.shape} and {r.shape}")
+    return a - r
 
 
-def fit_decay(horizons, excess_per_seed, *, n_resamples: int = 500, random_state: int = 0) -> dict:
-    """Fit an exponential decay with a floor at zero to the mean excess effect over horizons and
-    report its half-life with a percentile interval from refitting on resampled seeds.
+_GRID_COARSE = 481  # log-spaced half-lives over the search range
+_GRID_FINE = 201  # refinement inside one coarse step either side: relative resolution ~ 1e-4
 
-    Half-life inf (with a reason) when the excess does not decay within 100x the observed span
-    (flat or growing); nan when there is no positive excess to fit (no measurable effect)."""
-    h = np.asarray(horizons, dtype=np.float64)
-    e = np.atleast_2d(np.asarray(excess_per_seed, dtype=np.float64))
-    mean = e.mean(axis=0)
-    fit = _fit(h, mean)
-    span = max(float(h.max() - h.min()), 1.0)
-    if fit is None:
-        return {"amplitude": 0.0, "half_life": float("nan"), "rate": float("nan"),
-                "interval": (float("nan"), float("nan")), "fit_ok": False,
-                "reason": "no positive excess over the reference to fit"}
-    amplitude, half_life = fit
-    rng = np.random.default_rng(random_state)
-    boot = []
-    for _ in range(n_resamples):
-        sample = e[rng.integers(0, e.shape[0], e.shape[0])].mean(axis=0)
-        f = _fit(h, sample)
-        boot.append(f[1] if f is not None else np.inf)
-    boot = np.asarray(boot)
-    boot[boot > 100 * span] = np.inf  # a resample whose excess does not decay either
-    # Order statistics, not interpolation: resamples whose excess does not decay are inf.
-    interval = (float(np.percentile(boot, 2.5, method="lower")), float(np.percentile(boot, 97.5, method="higher")))
-    reason = ""
-    if half_life > 100 * span:
-        reason = f"the excess does not decay over the horizons measured (fitted half-life {half_life:.3g})"
-        half_life = float("inf")
-    return {"amplitude": amplitude, "half_life": half_life, "rate": math.log(2) / half_life if half_life else float("inf"),
-            "interval": interval, "fit_ok": not reason, "reason": reason}
+
+def _profile_fit(h: np.ndarray, curves: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least squares of curves [B, n_h] (already floored at zero) against A * 2^(-(h - h0)/T),
+    A >= 0, T in [lo, hi], profiled over T: for a fixed T the best amplitude is
+    A(T) = max(0, <e, g> / <g, g>) with g = 2^(-(h - h0)/T). A log-spaced grid over [lo, hi],
+    then a finer grid within one coarse step either side of the best point (vectorized over the
+    B curves, in blocks; deterministic, no starting point, no local minimum to fall into).
+    h0 = min(h) keeps g in (0, 1]. Returns (T, A at h0, SSE) per curve."""
+    h0 = h.min()
+    coarse = np.geomspace(lo, hi, _GRID_COARSE)
+    step = coarse[1] / coarse[0]
+    offsets = np.geomspace(1 / step, step, _GRID_FINE)
+
+    def best(e: np.ndarray, ts: np.ndarray):  # e [b, n_h], ts [b, G]
+        g = np.exp2(-(h - h0)[None, None, :] / ts[:, :, None])  # [b, G, n_h]
+        amp = np.maximum(np.einsum("bgh,bh->bg", g, e) / np.einsum("bgh,bgh->bg", g, g), 0.0)
+        sse = ((e[:, None, :] - amp[:, :, None] * g) ** 2).sum(axis=2)
+        pick = np.argmin(sse, axis=1)  # first minimum: ties go to the shorter half-life
+        rows = np.arange(e.shape[0])
+        return ts[rows, pick], amp[rows, pick], sse[rows, pick]
+
+    results = []
+    for start in range(0, curves.shape[0], 128):
+        e = curves[start:start + 128]
+        t, _, _ = best(e, np.broadcast_to(coarse, (e.shape[0], coarse.size)))
+        results.append(best(e, np.clip(t[:, None] * offsets[None, :], lo, hi)))
+    return tuple(np.concatenate([r[i] for r in results]) for i in range(3))
+
+
+def fit_decay(horizons, excess_per_seed, *, n_resamples: int = 500, confidence: float = 0.95,
+              random_state: int = 0, max_span_ratio: float = 10.0) -> dict:
+    """Lifetime of an effect: fit e(h) = A * exp(-ln 2 * h / half_life) = A * 2^(-h / half_life),
+    A >= 0, to the mean excess effect over delays h and report the half-life with an interval.
+
+    ``horizons``: the n_h delays h after the intervention window (steps); ``excess_per_seed``:
+    [n_seeds, n_h] per-seed excess effects (see excess_effect), averaged over seeds first.
+
+    Floor at zero (our choice): the mean excess curve is clipped at zero before fitting -- a
+    negative mean excess (the perturbation moves the model less than the one-bit reference)
+    is "no excess memory", and an exponential cannot go below zero -- and the amplitude is
+    bounded A >= 0. The fit is ordinary least squares on the clipped mean curve, profiled over the
+    half-life on a log grid (see _profile_fit): the same objective as scipy's curve_fit with
+    bounds, without its sensitivity to the starting point. Returns
+
+    * ``half_life`` (in the units of h), ``rate`` = ln 2 / half_life, ``amplitude`` = A (the
+      fitted excess at h = 0), ``r2`` of the fit to the clipped mean curve, ``mean_excess`` (the
+      clipped mean curve that was fitted);
+    * ``interval``: percentile interval at ``confidence`` from ``n_resamples`` bootstrap resamples
+      of seeds (rows), refitting each (generator seeded with ``random_state``; order statistics,
+      lower/higher, so it is conservative and inf-safe). Resamples whose excess does not decay
+      count as inf; resamples with no positive excess at all are left out and counted in
+      ``boot_no_excess``;
+    * ``fit_ok`` (a finite half-life was fitted), ``reason`` (why not, else ""), ``note``
+      (caveats of a finite fit, else "").
+
+    Conventions: half_life = inf (fit_ok False) when the excess does not decay over the delays
+    measured -- flat or growing; precisely, when the best fit is slower than ``max_span_ratio``
+    (10) times the span of the delays, i.e. it loses under 7% over the span, so any finite
+    value would be an extrapolation ("a wild number"). half_life = NaN (fit_ok False, amplitude
+    0) when the clipped mean excess is zero everywhere: no effect beyond the reference, nothing
+    decays. The half-life search runs from a tenth of the smallest gap between delays to
+    10 * max_span_ratio * span; a half-life below that smallest gap is reported with a note (the
+    delays measured do not resolve it: read it as "< gap"), as is an interval open above (some
+    resampled sets of seeds show no decay). Fewer than two seeds: no interval (NaN), a note.
+    """
+    h = _numpy(horizons).ravel()
+    e = np.atleast_2d(_numpy(excess_per_seed))
+    if e.ndim != 2 or e.shape[1] != h.size:
+        raise ValueError(f"excess_per_seed must be [n_seeds, {h.size}], got {e.shape}")
+    out = {"amplitude": NAN, "rate": NAN, "half_life": NAN, "interval": (NAN, NAN), "fit_ok": False,
+           "reason": "", "note": "", "r2": NAN, "mean_excess": [], "n_seeds": int(e.shape[0]),
+           "confidence": float(confidence), "n_resamples": int(n_resamples), "boot_no_excess": 0}
+    if not (np.all(np.isfinite(h)) and np.all(np.isfinite(e))):
+        out["reason"] = "non-finite delays or excess values"
+        return out
+    uniq = np.unique(h)
+    if uniq.size < 2 or e.shape[0] == 0:
+        out["reason"] = "a decay needs at least two distinct delays and one seed"
+        return out
+    span = float(uniq[-1] - uniq[0])
+    gap = float(np.min(np.diff(uniq)))
+    limit = max_span_ratio * span
+    lo, hi = gap / 10.0, 10.0 * limit  # search range; beyond `limit` counts as no decay
+    h0 = float(uniq[0])
+
+    mean = np.maximum(e.mean(axis=0), 0.0)
+    out["mean_excess"] = [float(x) for x in mean]
+    if not np.any(mean > 0):
+        out.update(amplitude=0.0, reason="no positive excess over the reference: nothing to fit (half-life NaN)")
+        return out
+
+    def to_half_life(t: np.ndarray) -> np.ndarray:
+        return np.where(t > limit, np.inf, t)
+
+    t_fit, a_fit, sse = _profile_fit(h, mean[None, :], lo, hi)
+    t_fit, a0, sse = float(t_fit[0]), float(a_fit[0]), float(sse[0])
+    sst = float(((mean - mean.mean()) ** 2).sum())
+    out["r2"] = 1.0 - sse / sst if sst > 0 else NAN
+    half_life = float(to_half_life(np.array(t_fit)))
+
+    notes = []
+    if e.shape[0] >= 2 and n_resamples > 0:
+        rng = np.random.default_rng(random_state)
+        picks = rng.integers(0, e.shape[0], size=(n_resamples, e.shape[0]))
+        curves = np.maximum(e[picks].mean(axis=1), 0.0)  # [B, n_h]
+        has = np.any(curves > 0, axis=1)
+        out["boot_no_excess"] = int((~has).sum())
+        boot = to_half_life(_profile_fit(h, curves[has], lo, hi)[0]) if has.any() else np.array([])
+        if boot.size:
+            tail = 100 * (1 - confidence) / 2
+            out["interval"] = (float(np.percentile(boot, tail, method="lower")),
+                               float(np.percentile(boot, 100 - tail, method="higher")))
+        if out["boot_no_excess"]:
+            notes.append(f"{out['boot_no_excess']} of {n_resamples} resamples had no positive excess and were left out")
+    elif e.shape[0] < 2:
+        notes.append("fewer than two seeds: no interval")
+
+    if math.isinf(half_life):
+        out.update(amplitude=a0, half_life=math.inf, rate=0.0,
+                   reason=f"the excess does not decay over the delays measured (best fit loses under "
+                          f"{100 * (1 - 2 ** (-1 / max_span_ratio)):.0f}% over their span of {span:g}): half-life inf")
+        out["note"] = "; ".join(notes)
+        return out
+    with np.errstate(over="ignore"):
+        amplitude = float(a0 * np.exp2(h0 / t_fit))
+    if t_fit < gap:
+        notes.append(f"half-life below the smallest gap between delays ({gap:g}): not resolved by these delays, "
+                     f"read it as < {gap:g} (the search stops at {lo:g})")
+    if t_fit > span:
+        notes.append(f"half-life beyond the span of the delays ({span:g}): extrapolated")
+    if math.isinf(out["interval"][1]):
+        notes.append("interval open above: some resampled seed sets show no decay")
+    out.update(amplitude=amplitude, half_life=half_life, rate=LN2 / half_life, fit_ok=True, note="; ".join(notes))
+    return out
