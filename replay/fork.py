@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from . import environment as env_module
 from .engine import Engine
-from .perturb import Perturbation, from_spec
+from .perturb import Perturbation, PerturbationRefused, from_spec
 from .rng import RngContract
 from .schedule import checkpoint_counts
 from .program import load_program
@@ -166,11 +167,19 @@ class ForkSession:
                 "depth": parent_lineage.get("depth", 0) + 1,
             },
         }
+        try:
+            self._write_child(out, manifest, engine, perturbations, end, observe)
+        except PerturbationRefused:
+            # Refused when it acted at T: leave no half-made child behind.
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        return Path(out)
+
+    def _write_child(self, out, manifest, engine, perturbations, end, observe) -> None:
         with RunDir.create(out, manifest) as run:
             run.ledger.add_event("intervention_window", {"start": self.at, "end": max(p.end for p in perturbations),
                                                          "perturbations": [p.to_json() for p in perturbations]})
             _record_steps(run, engine, end, self.progress, observe)
-        return Path(out)
 
     def placebo_check(self, steps: int | None = None) -> PlaceboReport:
         """Run a placebo child in memory for `steps` steps (default: to the parent's end) and

@@ -79,17 +79,16 @@ def tree(root: str | os.PathLike) -> str:
             return
         status = parent_status(path) if manifest.get("lineage") else "root"
         flag = {"ok": "", "root": "", "missing": "  [parent missing]", "changed": "  [PARENT CHANGED since fork]"}[status]
+        if manifest.get("lineage") and manifest["lineage"].get("parent_id") not in by_id and status == "ok":
+            flag = "  [parent outside this folder]"
         incomplete = "" if manifest.get("status") == "complete" else "  (incomplete)"
         lines.append(f"{prefix}{connector}{os.path.relpath(path, root)}  {_describe(manifest)}{incomplete}{flag}")
         kids = children.get(path, [])
         for i, kid in enumerate(kids):
             show(kid, prefix + ("" if top else ("    " if last else "│   ")), i == len(kids) - 1, False)
 
-    for top in children.get(None, []):
+    for top in children.get(None, []):  # roots, and runs whose parent is outside `root`
         show(top, "", True, True)
-    orphans = [p for p in runs if runs[p].get("lineage", {}).get("parent_id") and runs[p]["lineage"]["parent_id"] not in by_id]
-    for path in orphans:
-        show(path, "", True, True)
     return "\n".join(lines) if lines else f"no runs below {root}"
 
 

@@ -391,6 +391,11 @@ class SwapWindows(Perturbation):
             raise ValueError(f"swap_windows: windows [{a}, {a + w}) and [{b}, {b + w}) must not overlap")
         self.values["a"], self.values["b"], self.values["offset"] = a, b, None
 
+    @property
+    def end(self) -> int:
+        # The intervention lasts until the later window is over, whatever `window` says.
+        return max(self.start + self.window, max(self.values["a"], self.values["b"]) + self.values["w"])
+
     def batch_ids(self, engine, step, ids):
         a, b, w = self.values["a"], self.values["b"], self.values["w"]
         if a <= step < a + w:
