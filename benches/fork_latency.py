@@ -63,6 +63,13 @@ def checkpoint_bytes(run: Path) -> int:
     return sum(p.stat().st_size for p in folders[-1].iterdir())
 
 
+def load_note() -> str:
+    """The 1-minute load average: other processes on the cores inflate every figure here."""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    busy = "  (BUSY: other processes share the CPUs, timings are inflated)" if load > 0.75 * cpus else ""
+    return f"load average {load:.1f} on {cpus} CPUs{busy}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--program", default=str(HERE.parent / "examples" / "digits_mlp.py") + ":program")
@@ -77,7 +84,7 @@ def main() -> None:
     program = os.path.relpath(args.program.rsplit(":", 1)[0], HERE.parent)
     print(f"`{command}`\n")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; program {program}, parent of "
-          f"{args.steps} steps; {args.rounds} interleaved rounds, medians\n")
+          f"{args.steps} steps; {args.rounds} interleaved rounds, medians; {load_note()}\n")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -151,6 +158,7 @@ def main() -> None:
         k = 8
         print(f"\n{k} children of step {at}: one session + {k} children = {session_ms + k * medians[first]:.0f} ms, "
               f"{k} separate fork() calls = {k * list(medians.values())[-1]:.0f} ms")
+        print(f"\nat the end: {load_note()}")
 
 
 if __name__ == "__main__":
