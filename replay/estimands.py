@@ -33,11 +33,14 @@ LN2 = math.log(2.0)
 ROW_SUM_TOLERANCE = 1e-4  # |sum_k p_k - 1| allowed per row (float32 softmax over many classes)
 LOSS_EPS = 1e-12  # cross-entropy clamp: -log(max(p[label], eps)) <= 27.63 nats
 NAN = float("nan")
+#: The interval paired_effect reports as "interval": the paired t interval (see interval_coverage
+#: and docs/estimands.md for the measured coverage that chose it).
+DEFAULT_INTERVAL = "t"
 
 __all__ = [
     "total_variation", "jensen_shannon", "hellinger", "disagreement", "accuracy", "loss",
     "parameter_distance", "linear_cka", "DISTANCES",
-    "paired_effect", "noise_floor", "noise_ratio", "benjamini_hochberg", "tost",
+    "paired_effect", "interval_coverage", "DEFAULT_INTERVAL", "noise_floor", "noise_ratio", "benjamini_hochberg", "tost",
     "excess_effect", "fit_decay",
 ]
 
@@ -276,8 +279,9 @@ def _se(v: np.ndarray) -> float:
     return scale * float((v / scale).std(ddof=1)) / math.sqrt(v.size) if scale > 0 else 0.0
 
 
-def _bootstrap_kwargs(random_state: int) -> dict:
-    # scipy >= 1.15 takes rng=Generator; older versions only random_state.
+def _bootstrap_kwargs(random_state) -> dict:
+    # scipy >= 1.15 takes rng=Generator; older versions only random_state. An int seeds a new
+    # generator; a Generator is used as it is (default_rng returns it unaltered).
     from scipy import stats
 
     if "rng" in inspect.signature(stats.bootstrap).parameters:
@@ -292,17 +296,25 @@ def paired_effect(values, *, n_resamples: int = 2000, confidence: float = 0.95, 
     metric(q^s) - metric(p^s) for a signed metric, or the excess over a reference arm). Returns
 
     * ``mean``: tau; ``n``: number of seeds; ``se``: sample sd (ddof=1) / sqrt(n);
+    * ``interval``: (lo, hi), the default interval at ``confidence``, and ``interval_method``, its
+      name: "t", the paired t interval below (DEFAULT_INTERVAL). It is the default because it is
+      the one that covers at the small n of these experiments: measured nominal-95% coverage at
+      n = 5 is 0.947 (normal values), 0.916 (lognormal sigma 0.5) and 0.823 (lognormal sigma 1),
+      against 0.838 / 0.813 / 0.741 for BCa (interval_coverage, 10000 replicates; the table and
+      the command are in docs/estimands.md);
     * ``bca``: (lo, hi), the BCa bootstrap interval of the mean at ``confidence``
       (scipy.stats.bootstrap, method="BCa", resampling seeds with replacement, ``n_resamples``
       resamples, generator seeded with ``random_state``: reproducible). Where BCa is undefined
       (e.g. a single non-zero value among zeros makes the jackknife degenerate) the percentile
-      interval is given instead and ``method``/``reason`` say so;
+      interval is given instead and ``method``/``reason`` say so. BCa undercovers at small n (it
+      uses the plug-in sd and normal quantiles): kept for comparison, not the default;
     * ``t``: (lo, hi), the paired (one-sample) t interval mean +- t_{n-1, (1+confidence)/2} * se;
     * ``p_value``: the two-sided one-sample t test of mean == 0; ``t_stat``;
-    * ``method``, ``confidence``, ``n_resamples``, ``reason`` ("" when nothing is degenerate).
+    * ``method`` (of ``bca``: "BCa" or "percentile"), ``confidence``, ``n_resamples``, ``reason``
+      ("" when nothing is degenerate).
 
     Degenerate cases never crash and never invent precision:
-    * all values equal to v (a placebo arm: exactly 0.0): mean v, se 0, both intervals (v, v);
+    * all values equal to v (a placebo arm: exactly 0.0): mean v, se 0, every interval (v, v);
       p_value 1.0 when v == 0 (no evidence of an effect), NaN when v != 0 (zero variance: the
       t test is undefined) -- ``reason`` says which;
     * fewer than two seeds: intervals, se and p_value NaN, ``reason`` says so;
@@ -312,8 +324,8 @@ def paired_effect(values, *, n_resamples: int = 2000, confidence: float = 0.95, 
 
     v = _values(values)
     n = int(v.size)
-    out = {"mean": NAN, "n": n, "se": NAN, "bca": (NAN, NAN), "t": (NAN, NAN), "p_value": NAN, "t_stat": NAN,
-           "method": "BCa", "confidence": float(confidence), "n_resamples": int(n_resamples), "reason": ""}
+    out = {"mean": NAN, "n": n, "se": NAN, "interval": (NAN, NAN), "interval_method": DEFAULT_INTERVAL,
+           "bca": (NAN, NAN), "t": (NAN, NAN), "p_value": NAN, "t_stat": NAN, "method": "BCa", "confidence": float(confidence), "n_resamples": int(n_resamples), "reason": ""}
     if not 0 < confidence < 1:
         raise ValueError("confidence must lie in (0, 1)")
     if n == 0:
@@ -328,7 +340,7 @@ def paired_effect(values, *, n_resamples: int = 2000, confidence: float = 0.95, 
         return out
     if np.all(v == v[0]):
         c = float(v[0]) + 0.0
-        out.update(mean=c, se=0.0, bca=(c, c), t=(c, c))
+        out.update(mean=c, se=0.0, interval=(c, c), bca=(c, c), t=(c, c))
         if c == 0.0:
             out.update(p_value=1.0, t_stat=0.0, reason="all seeds exactly zero")
         else:
@@ -342,6 +354,7 @@ def paired_effect(values, *, n_resamples: int = 2000, confidence: float = 0.95, 
     out["t_stat"] = m / se if se > 0 else math.copysign(math.inf, m)
     out["p_value"] = float(2 * stats.t.sf(abs(out["t_stat"]), n - 1)) if se > 0 else 0.0
     out["bca"] = _bootstrap_mean(v, n_resamples, confidence, random_state, out)
+    out["interval"] = out[DEFAULT_INTERVAL]
     return out
 
 
@@ -364,6 +377,70 @@ def _bootstrap_mean(v: np.ndarray, n_resamples: int, confidence: float, random_s
         out["method"] = "percentile"
         out["reason"] = f"BCa not computable ({error}); percentile bootstrap interval instead"
         return run("percentile")
+
+
+def _sampler(sampler, truth):
+    """(draw, truth) for interval_coverage: a named distribution or a callable with its mean."""
+    if callable(sampler):
+        if truth is None or not math.isfinite(truth):
+            raise ValueError("a callable sampler needs the true mean: truth=...")
+        return sampler, float(truth)
+    if sampler == "normal":
+        return (lambda rng, shape: rng.standard_normal(shape)), 0.0
+    if isinstance(sampler, str) and sampler.startswith("lognormal:"):
+        sigma = float(sampler.split(":", 1)[1])
+        if not sigma > 0:
+            raise ValueError("lognormal:SIGMA needs a positive sigma")
+        return (lambda rng, shape: np.exp(sigma * rng.standard_normal(shape))), math.exp(sigma * sigma / 2)
+    raise ValueError(f"unknown sampler {sampler!r}: 'normal', 'lognormal:SIGMA' or a callable(rng, shape)")
+
+
+def interval_coverage(method: str, sampler, n: int, replicates: int = 2000, *, truth: float | None = None,
+                      confidence: float = 0.95, random_state: int = 0, n_resamples: int = 2000) -> float:
+    """Coverage of an interval for the mean of n per-seed values, by simulation: the fraction of
+    ``replicates`` synthetic experiments whose interval contains the true mean.
+
+    ``method``: "t" (paired t, the default interval of paired_effect), "bca" or "percentile"
+    (scipy.stats.bootstrap over the n values, ``n_resamples`` resamples: the same computation as
+    paired_effect's ``bca`` key, run on all replicates at once). ``sampler``: "normal" (N(0, 1),
+    mean 0), "lognormal:SIGMA" (exp(SIGMA * Z), mean exp(SIGMA^2 / 2); skewness 1.75 at SIGMA 0.5,
+    6.2 at SIGMA 1), or a callable ``sampler(rng, shape) -> array`` with its mean as ``truth``.
+    Coverage of these three methods does not depend on the location or scale of the values, so
+    N(0, 1) stands for every normal. Deterministic: one generator seeded with ``random_state``
+    draws the data [replicates, n], then the resamples (blocks of replicates in order).
+    """
+    draw, true_mean = _sampler(sampler, truth)
+    if method not in ("t", "bca", "percentile"):
+        raise ValueError(f"unknown interval method {method!r}: 't', 'bca' or 'percentile'")
+    if n < 2 or replicates < 1:
+        raise ValueError("coverage needs n >= 2 values per experiment and at least one replicate")
+    rng = np.random.default_rng(random_state)
+    x = np.asarray(draw(rng, (replicates, n)), dtype=np.float64)
+    lo, hi = _batch_intervals(method, x, confidence, n_resamples, rng)
+    return float(np.mean((lo <= true_mean) & (true_mean <= hi)))
+
+
+def _batch_intervals(method: str, x: np.ndarray, confidence: float, n_resamples: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The ``method`` interval of the mean of each row of x [replicates, n], all rows at once."""
+    from scipy import stats
+
+    n = x.shape[1]
+    if method == "t":
+        m = x.mean(axis=1)
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * x.std(axis=1, ddof=1) / math.sqrt(n)
+        return m - half, m + half
+    block = max(1, 2_000_000 // (n_resamples * n))  # resamples held at once: block * n_resamples * n
+    lo, hi = np.empty(x.shape[0]), np.empty(x.shape[0])
+    for start in range(0, x.shape[0], block):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = stats.bootstrap((x[start:start + block],), np.mean, axis=-1, vectorized=True,
+                                  n_resamples=n_resamples, confidence_level=confidence,
+                                  method="BCa" if method == "bca" else "percentile", **_bootstrap_kwargs(rng))
+        lo[start:start + block] = res.confidence_interval.low
+        hi[start:start + block] = res.confidence_interval.high
+    return lo, hi
 
 
 def noise_floor(per_seed_predictions: Sequence, distance: Callable | str = "tv", *, n_resamples: int = 1000,
