@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -530,24 +531,271 @@ def _named_parameter(engine, name):
     return name, params[name]
 
 
+# How many of the highest-scoring elements the default bit flip tries before it refuses.
+BITFLIP_CANDIDATES = 64
+# The named stream the random projection R of the default target's selection derives from.
+BITFLIP_STREAM = "bitflip"
+
+
+def _bit_mask(bit: int) -> torch.Tensor:
+    return torch.tensor(1 << bit if bit < 31 else -(1 << 31), dtype=torch.int32)
+
+
+def _output_tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, or tuples, lists and dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for key in out for t in _output_tensors(out[key])]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _output_tensors(item)]
+    return []
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a tensor, as integers (bitwise comparison: -0.0 != 0.0, NaN == same NaN)."""
+    t = t.detach().contiguous().reshape(-1)
+    if t.is_floating_point():
+        return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t
+
+
+def _top_candidates(score: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
+    """The (at most k) elements of a flat score vector with the largest positive scores, by
+    descending score, ties by ascending index: deterministic whatever topk does with ties."""
+    if k <= 0:
+        return [], []
+    positive = (score > 0).nonzero().flatten()
+    if positive.numel() > 4 * k:  # a large tensor: keep every element at or above the k-th score
+        threshold = torch.topk(score[positive], k).values[-1]
+        positive = positive[score[positive] >= threshold]
+    order = torch.sort(-score[positive], stable=True).indices  # stable: equal scores keep index order
+    chosen = positive[order][:k]
+    return score[chosen].tolist(), chosen.tolist()
+
+
 @_register
 class BitFlip(Perturbation):
+    """Flip bit `bit` of element `index` of parameter `param`, when step `start` begins.
+
+    The default target (no `param`, no `index`) is chosen from the training state at the fork
+    step, so that the flip provably changes the model: the model runs in eval mode on the
+    batch of step T; F = sum(R * outputs), with R a fixed random tensor from the run's seed and
+    the stream "bitflip" at T; every element w of the trainable float32 parameters is scored by
+    |dw * dF/dw|, the first-order change of F when the bit flips (dw = the flipped value minus
+    w: one ulp of w for the lowest bit, so the score is |w * dF/dw| up to a factor of 2). The
+    candidates, best first (ties by parameter order, then index), are flipped one at a time and
+    the first whose flip changes the outputs on that batch bitwise is taken. With `param` given,
+    the element is chosen within it the same way. The choice and how it was made are stored in
+    the perturbation's values ("param", "index", "selected_by", "score": |dw * dF/dw|, None for a
+    flip to inf or NaN; "rank": its place in the candidate order; "outputs_changed": how many
+    output elements the flip changes), so the child's lineage and intervention event record them
+    and a replay re-creates the flip from them without choosing again (a given index is recorded
+    with "selected_by": "given").
+
+    The selection restores every module's training flag and torch's global generators, never
+    touches .grad (torch.autograd.grad), flips each candidate in place and XORs it back, and
+    checks that the fingerprints of the whole training state and of the gradients are unchanged
+    afterwards. It is a deterministic function of the state at T in a given environment, like the
+    training steps (a replay refuses another thread count or build unless told otherwise).
+    """
+
     name = "bitflip"
     touches = ("model",)
-    summary = "flip one bit (default: the lowest) of one weight (default: element 0 of the first parameter)"
-    params = {"param": None, "index": 0, "bit": 0}
+    summary = ("flip one bit (default: the lowest) of one float32 weight; by default the element of largest "
+               "|dw * dF/dw| (F: the eval-mode outputs on the batch of step T, randomly projected) whose flip "
+               "changes those outputs bitwise; the chosen target is recorded in the lineage")
+    params = {"param": None, "index": None, "bit": 0}
+    # How the target was chosen: written by the selection, read back from a child's manifest.
+    record: ClassVar[tuple[str, ...]] = ("selected_by", "score", "rank", "outputs_changed")
+
+    def __init__(self, start: int = 0, window: int = 1, **params):
+        recorded = {key: params.pop(key) for key in self.record if key in params}
+        super().__init__(start, window, **params)
+        self._choose = self.values["index"] is None  # the element is chosen from the state at `start`
+        self._given_param = self.values["param"]
+        self._chosen_for = None  # a weak reference to the engine the choice was made on
+        if not self._choose:
+            recorded.setdefault("selected_by", "given")
+        self.values.update(recorded)
+
+    # ------------------------------------------------------------------ the target ----
+
+    def _parameter(self, engine, name=None):
+        name, p = _named_parameter(engine, self.values["param"] if name is None else name)
+        bit = int(self.values["bit"])
+        if p.dtype != torch.float32 or not 0 <= bit < 32:
+            raise PerturbationRefused(f"bitflip: needs a float32 parameter and a bit in [0, 32); {name} is {p.dtype}")
+        return name, p, bit
+
+    def _target(self, engine):
+        name, p, bit = self._parameter(engine)
+        index = int(self.values["index"])
+        if not 0 <= index < p.numel():
+            raise PerturbationRefused(f"bitflip: index {index} is outside {name} ({p.numel()} elements)")
+        return name, p, index, bit
+
+    def check(self, engine):
+        if self._choose:
+            made_on = self._chosen_for() if self._chosen_for is not None else None
+            if made_on is not engine:  # not yet chosen, or chosen for another fork
+                if engine.completed != self.start:
+                    raise PerturbationRefused(
+                        f"bitflip: the default target is chosen from the state at the step the flip acts "
+                        f"({self.start}), but the engine is at step {engine.completed}; fork at step {self.start}, "
+                        f"or pass param= and index=")
+                for key in self.record:
+                    self.values.pop(key, None)
+                self.values.update(param=self._given_param, index=None)
+                self.values.update(self._choose_target(engine))
+                self._chosen_for = weakref.ref(engine)
+        name, _, _, _ = self._target(engine)
+        self.values["param"] = name  # an index given alone names an element of the first parameter
 
     @torch.no_grad()
     def apply(self, engine):
-        name, p = _named_parameter(engine, self.values["param"])
-        index, bit = int(self.values["index"]), int(self.values["bit"])
-        if p.dtype != torch.float32 or not 0 <= bit < 32:
-            raise PerturbationRefused(f"bitflip: needs a float32 parameter and a bit in [0, 32); {name} is {p.dtype}")
-        if not 0 <= index < p.numel():
-            raise PerturbationRefused(f"bitflip: index {index} is outside {name} ({p.numel()} elements)")
+        if self.values["index"] is None:  # apply() without check(): choose now
+            self.check(engine)
+        _, p, index, bit = self._target(engine)
         words = p.view(-1).view(torch.int32)
-        mask = torch.tensor(1 << bit if bit < 31 else -(1 << 31), dtype=torch.int32)
-        words[index] ^= mask
+        words[index] ^= _bit_mask(bit)
+
+    # ------------------------------------------------------------------ selection ----
+
+    def _inputs(self, engine):
+        """The model's input in the batch of step `start`, as the step would get it."""
+        t = self.start
+        ids = list(engine.policy.batch_ids(t))
+        for p in engine.perturbations:  # the batch the engine will build (data-order perturbations)
+            ids = list(p.batch_ids(engine, t, ids))
+        batch = engine.program.make_batch(ids)
+        inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if not isinstance(inputs, torch.Tensor):
+            raise PerturbationRefused(
+                f"bitflip: cannot tell the model's input in a batch of type {type(batch).__name__} (the default "
+                f"target is chosen by running the model on the input of step {t}'s batch: the batch itself, or "
+                f"its first element); pass param= and index=")
+        device = next((q.device for q in engine.model.parameters()), inputs.device)
+        return inputs.to(device)
+
+    def _run(self, model, inputs) -> list[torch.Tensor]:
+        try:
+            outputs = _output_tensors(model(inputs))
+        except Exception as error:
+            raise PerturbationRefused(
+                f"bitflip: running the model on the input of step {self.start}'s batch failed "
+                f"({type(error).__name__}: {error}); pass param= and index=") from error
+        if not any(o.is_floating_point() for o in outputs):
+            raise PerturbationRefused("bitflip: the model's output holds no floating-point tensor to choose a "
+                                      "target by; pass param= and index=")
+        return outputs
+
+    def _choose_target(self, engine) -> dict:
+        """The target (param, index and how it was chosen), from the state at `start`. Leaves the
+        training state bit-identical, gradients included (checked)."""
+        from .fingerprinting import fingerprints
+        from .rng import stream_seed
+
+        model = engine.model
+        if self._given_param is not None:
+            name, p, bit = self._parameter(engine, self._given_param)
+            if not p.requires_grad:
+                raise PerturbationRefused(f"bitflip: {name} does not require grad, so no element can be scored; "
+                                          f"pass index=")
+            candidates = [(name, p)]
+        else:
+            bit = int(self.values["bit"])
+            if not 0 <= bit < 32:
+                raise PerturbationRefused(f"bitflip: needs a float32 parameter and a bit in [0, 32); bit is {bit}")
+            candidates = [(n, q) for n, q in model.named_parameters() if q.dtype == torch.float32 and q.requires_grad]
+            if not candidates:
+                raise PerturbationRefused("bitflip: the model has no trainable float32 parameter")
+        mask = _bit_mask(bit)
+        grads = [q.grad for q in model.parameters()]
+        state_before = engine.fingerprints(use_optimizer=False)
+        grads_before = fingerprints([g for g in grads if g is not None])
+        training = [(m, m.training) for m in model.modules()]
+        inputs = self._inputs(engine)
+        # torch's global generators are left as they were (eval mode should draw nothing anyway).
+        with torch.random.fork_rng(devices=[]):
+            try:
+                model.eval()
+                with torch.enable_grad():
+                    outputs = [o for o in self._run(model, inputs) if o.is_floating_point()]
+                    # R: a fixed random projection of the outputs. The contract's seed() serves only the
+                    # program's declared streams, so its seed comes from the same derivation
+                    # (rng.stream_seed, SHA-256 of run seed, stream name and step) under the name "bitflip".
+                    generator = torch.Generator().manual_seed(
+                        stream_seed(engine.contract.run_seed, BITFLIP_STREAM, self.start))
+                    f = sum((o.double() * torch.randn(o.shape, generator=generator, dtype=torch.float64)
+                             .to(o.device)).sum() for o in outputs)
+                    params = [q for _, q in candidates]
+                    if isinstance(f, torch.Tensor) and f.requires_grad:
+                        dfdw = torch.autograd.grad(f, params, allow_unused=True)  # never touches .grad
+                    else:
+                        dfdw = [None] * len(params)
+                    del f, outputs
+                with torch.no_grad():
+                    ranked, effective = [], 0
+                    for position, ((name, q), g) in enumerate(zip(candidates, dfdw)):
+                        if g is None:
+                            continue
+                        w = q.detach().reshape(-1)
+                        flipped = (w.contiguous().view(torch.int32) ^ mask).view(torch.float32)
+                        change = (flipped.double() - w.double()).abs()
+                        score = change * g.detach().reshape(-1).double().abs()
+                        # A flip to inf or NaN (a high bit) or a NaN gradient: rank it first, let the check decide.
+                        score = torch.where(torch.isfinite(change) & ~torch.isnan(score), score,
+                                            torch.full_like(score, math.inf))
+                        effective += int((score > 0).sum())
+                        values, indices = _top_candidates(score.cpu(), BITFLIP_CANDIDATES)
+                        ranked += [(-v, position, i) for v, i in zip(values, indices)]
+                    del dfdw
+                    ranked = sorted(ranked)[:max(BITFLIP_CANDIDATES, 0)]
+                    reference = [_words(o) for o in self._run(model, inputs)]
+                    again = [_words(o) for o in self._run(model, inputs)]
+                    if not all(torch.equal(a, b) for a, b in zip(reference, again)):
+                        raise PerturbationRefused(
+                            f"bitflip: the model's eval-mode outputs on the batch of step {self.start} are not "
+                            f"reproducible, so no flip can be shown to change them; pass param= and index=")
+                    chosen = None
+                    for rank, (negative_score, position, index) in enumerate(ranked, start=1):
+                        name, q = candidates[position]
+                        words = q.view(-1).view(torch.int32)
+                        words[index] ^= mask
+                        try:
+                            after = [_words(o) for o in self._run(model, inputs)]
+                        finally:
+                            words[index] ^= mask  # XOR again: the exact value back
+                        changed = sum(int((a != b).sum()) if a.shape == b.shape else a.numel()
+                                      for a, b in zip(reference, after))
+                        if changed:
+                            chosen = (name, index, -negative_score, rank, changed)
+                            break
+            finally:
+                for m, mode in training:
+                    m.training = mode
+        same_grads = all(q.grad is g for q, g in zip(model.parameters(), grads))
+        if (engine.fingerprints(use_optimizer=False) != state_before or not same_grads
+                or fingerprints([g for g in grads if g is not None]) != grads_before):
+            raise PerturbationRefused("bitflip: running the model to choose the target changed the training state "
+                                      "(a forward hook or a stateful module?); pass param= and index=")
+        if chosen is None:
+            where = ", ".join(n for n, _ in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+            tried = ", ".join(f"{candidates[pos][0]}[{i}]" for _, pos, i in ranked[:5]) + (", ..." if len(ranked) > 5 else "")
+            what = (f"none of the {len(ranked)} elements of largest |dw * dF/dw| (of {effective} with a non-zero one: "
+                    f"{tried}) changes" if effective else
+                    f"no element of {where} has a non-zero first-order effect |dw * dF/dw| on")
+            raise PerturbationRefused(
+                f"bitflip: {what} the model's eval-mode outputs on the batch of step {self.start} when bit {bit} "
+                f"flips; pass bit= a higher bit, or param= and index= explicitly")
+        name, index, score, rank, changed = chosen
+        score = score if math.isfinite(score) else None  # a flip to inf or NaN: no finite first-order change
+        how = (f"max |dw * dF/dw| over {'the elements of ' + name if self._given_param else 'the trainable float32 parameters'}, "
+               f"F = sum(R * eval-mode outputs on the batch of step {self.start}), R from stream "
+               f"'{BITFLIP_STREAM}' at step {self.start}; output change verified")
+        return {"param": name, "index": index, "selected_by": how, "score": score, "rank": rank,
+                "outputs_changed": changed}
 
 
 @_register

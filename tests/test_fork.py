@@ -220,7 +220,8 @@ CASES = {
     "drop_examples": Case(TINY, "drop_examples:ids=" + "+".join(map(str, DROPPED))),
     "inject_example": Case(TINY, "inject_example:id=7", 2),
     "flush": Case(QUEUE, "flush:component=queue", changes={"component:queue": _everything}),
-    "bitflip": Case(TINY, "bitflip", changes={"model": lambda n: n == "0.weight"}),
+    # The default bit flip chooses its target from the state at T: the parameter it names changes.
+    "bitflip": Case(TINY, "bitflip", changes={"model": lambda n, engine: n == engine.perturbations[0].values["param"]}),
     "weight_noise": Case(TINY, "weight_noise:std=0.01", changes={"model": _param}),
     "lr_scale": Case(TINY, "lr_scale:factor=0.5", 10),
     "reseed": Case(TINY, "reseed:stream=augment"),
@@ -283,6 +284,8 @@ def test_primitive_changes_exactly_what_it_declares_at_the_fork_step(sessions, p
         names = set(parent_at_t[component]) | set(after[component])
         changed = {n for n in names if parent_at_t[component].get(n) != after[component].get(n)}
         predicate = case.changes.get(component)
+        if predicate is not None and predicate.__code__.co_argcount == 2:  # a predicate of the chosen target
+            predicate = (lambda p: lambda n: p(n, engine))(predicate)
         expected = {n for n in names if predicate is not None and predicate(n)}
         assert expected or predicate is None, f"{name}: the case names no entry of {component}"
         assert changed == expected, f"{name} changed {sorted(changed)} of {component}, expected {sorted(expected)}"
@@ -452,13 +455,21 @@ def test_swap_optimizer_without_carry_starts_empty(sessions):
 # ------------------------------------------------------------------------ bit flip ----
 
 
-@pytest.mark.parametrize("spec,param,index,bit", [("bitflip", "0.weight", 0, 0),
+@pytest.mark.parametrize("spec,param,index,bit", [("bitflip", None, None, 0),  # the target chosen at T
+                                                  ("bitflip:param=4.weight", "4.weight", None, 0),
                                                   ("bitflip:param=4.weight,index=17,bit=31", "4.weight", 17, 31)])
 def test_bitflip_changes_exactly_one_bit_of_one_weight(parents, spec, param, index, bit):
     at = 10  # a checkpoint: the parent's state at T is read from its file
     with RunDir.open(parents[TINY]) as run:
         parent_state = flat_tensors(run.load_checkpoint(at))
-    probe, _, _ = run_fork_step(ForkSession(parents[TINY], at, progress=False), spec)
+    probe, _, engine = run_fork_step(ForkSession(parents[TINY], at, progress=False), spec)
+    chosen = engine.perturbations[0].values  # the target: given, or chosen from the state at T
+    assert chosen["param"] == (param or chosen["param"]) and chosen["index"] == (chosen["index"] if index is None else index)
+    if index is None:
+        assert chosen["selected_by"].startswith("max |dw * dF/dw|") and chosen["outputs_changed"] > 0
+    else:
+        assert chosen["selected_by"] == "given"
+    param, index = chosen["param"], chosen["index"]
     child_state = flat_tensors(probe.state)
     assert set(child_state) == set(parent_state)
     changed = {}
@@ -480,6 +491,9 @@ def test_bitflip_changes_exactly_one_bit_of_one_weight(parents, spec, param, ind
 def test_every_primitive_forks_replays_and_marks_its_window(sessions, parent_rows, children, name):
     case, child = CASES[name], children[name]
     spec = from_spec(case.spec, start=T, window=case.window).to_json()
+    if name == "bitflip":  # the target it chose at T, as a fresh engine at T chooses it again
+        spec = run_fork_step(sessions[case.program], case.spec, case.window)[2].perturbations[0].to_json()
+        assert spec["param"] is not None and spec["index"] is not None and "selected_by" in spec
     m = manifest(child)
     assert m["lineage"]["perturbations"] == [spec] and m["lineage"]["window"] == [T, T + case.window]
     windows = [e["detail"] for e in events(child) if e["kind"] == "intervention_window"]
