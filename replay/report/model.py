@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 PLACEBO = "placebo"
@@ -131,7 +132,9 @@ class View:
             hs = self.exp.get("horizons") or sorted({e.get("horizon") for e in self.estimates if e.get("horizon") is not None})
             self.horizon = hs[len(hs) // 2] if hs else None
         self.seeds = list(self.exp.get("seeds") or [])
-        self.reference = next((n for n, a in self.arms.items() if a.get("reference")), None)
+        self.references = [x for x in self.r.get("references") or [] if isinstance(x, dict)]
+        self.reference = self.exp.get("reference_arm") or next((n for n, a in self.arms.items() if a.get("reference")),
+                                                              None)
         if self.reference is None:
             self.reference = next((e["arm"] for e in self.estimates if e.get("reference")), None)
 
@@ -140,6 +143,8 @@ class View:
         if self.placebo and self.placebo.get("arm") == arm:
             return True
         spec = self.arms.get(arm)
+        if spec and isinstance(spec.get("placebo"), bool):
+            return spec["placebo"]
         if spec and spec.get("perturb"):
             return all((p.get("name") if isinstance(p, dict) else p) == PLACEBO for p in spec["perturb"])
         return arm == PLACEBO
@@ -157,7 +162,9 @@ class View:
         return d.get("program") or "main"
 
     def programs(self) -> list[str]:
-        keys = []
+        """Program keys: the main program first, then the variants (as experiment.programs lists them)."""
+        declared = self.exp.get("programs")
+        keys = list(declared) if isinstance(declared, dict) else []
         for e in self.estimates:
             if self.program(e) not in keys:
                 keys.append(self.program(e))
@@ -238,6 +245,13 @@ class View:
         hs = entry.get("horizons") or []
         return hs.index(e["horizon"]) if e.get("horizon") in hs else None
 
+    def program_ref(self, key: str) -> str:
+        """The program reference ('module:function' or path) of a program key, '' when unknown."""
+        declared = self.exp.get("programs")
+        if isinstance(declared, dict) and declared.get(key):
+            return str(declared[key])
+        return str(self.exp.get("program") or "") if key == "main" else ""
+
     def window(self, arm: str) -> int:
         w = (self.arms.get(arm) or {}).get("window", 1)
         return w if isinstance(w, int) else 1
@@ -254,20 +268,128 @@ class View:
             return "0 (exactly)", "exactly 0 (checked)", "ok"
         return fmt(e.get("mean")), "NOT ZERO: capture or replay is broken", "bad"
 
-    def lifetime_text(self, e: dict) -> tuple[str, str]:
-        """(half-life with interval, note) of an estimate's arm."""
+    # -- the default interval
+    @staticmethod
+    def interval(e: dict) -> list:
+        """The default interval of an estimate: 'interval' (results version 2), else the t interval,
+        else the BCa interval (older results)."""
+        for key in ("interval", "t", "bca"):
+            pair = e.get(key)
+            if isinstance(pair, (list, tuple)) and len(pair) == 2:
+                return list(pair)
+        return [math.nan, math.nan]
+
+    def interval_name(self) -> str:
+        """The default interval's name for table headers, e.g. '95% t interval'."""
+        m = re.search(r"(\d+(?:\.\d+)?)\s*%", str(self.exp.get("interval_method") or ""))
+        level = f"{m.group(1)}%" if m else "95%"
+        if any(isinstance(e.get("interval"), (list, tuple)) for e in self.estimates):
+            methods = sorted({METHOD_NAMES.get(str(e.get("interval_method") or "t").lower(),
+                                               str(e.get("interval_method") or "t"))
+                              for e in self.estimates if isinstance(e.get("interval"), (list, tuple))})
+        elif any(isinstance(e.get("t"), (list, tuple)) for e in self.estimates) or not self.estimates:
+            methods = ["t"]
+        else:
+            methods = ["BCa"]
+        if len(methods) == 1:
+            return f"{level} {methods[0]} interval"
+        return f"{level} interval ({' or '.join(methods)}, per row)"
+
+    # -- verdicts and flags
+    def verdict_cell(self, e: dict) -> tuple[str, str, str]:
+        """(text, css class, reason) of an estimate's verdict."""
+        kind = self.kind(str(e.get("arm")))
+        if kind == "placebo":
+            _, text, css = self.placebo_cells(e)
+            return text, css, str(e.get("verdict_reason") or "the placebo changes nothing: it must measure exactly 0")
+        if kind == "reference":
+            return "reference", "ref", str(e.get("verdict_reason") or "the chaos baseline: a one-bit flip")
+        if "verdict" not in e:
+            return "n/a", "", "no verdict in the results"
+        verdict = e.get("verdict")
+        if verdict is None:
+            return "—", "", str(e.get("verdict_reason") or "no verdict (signed metric)")
+        return str(verdict), VERDICT_CSS.get(str(verdict), "warn"), str(e.get("verdict_reason") or "")
+
+    def dead_flag(self, e: dict) -> str:
+        """The flag of an estimate whose arm measures exactly 0 at every horizon ('' when not;
+        never for the placebo, which must)."""
+        if self.is_placebo(str(e.get("arm"))):
+            return ""
         if self.is_reference(e):
-            return "reference (chaos baseline)", ""
+            return DEAD_REFERENCE if e.get("zero_everywhere") or self.reference_dead(e) else ""
+        return DEAD_ARM if e.get("zero_everywhere") else ""
+
+    def reference_dead(self, d: dict) -> bool:
+        """Whether the reference of d's program and fork step is recorded as exactly 0 everywhere."""
+        return any(x.get("zero_everywhere") and (x.get("program") or "main") == self.program(d)
+                   and x.get("fork_step") == d.get("fork_step") for x in self.references)
+
+    def lifetime_text(self, e: dict) -> tuple[str, str, bool]:
+        """(lifetime cell, note, extrapolated) of an estimate's arm."""
+        if self.is_reference(e):
+            return "chaos baseline", "", False
         l = self.lifetime(e)
         if l is None:
             why = ("no reference arm, so no excess to fit" if self.reference is None else "no lifetime in the results")
-            return "n/a", why
+            return "n/a", why, False
+        return lifetime_summary(l)
+
+
+METHOD_NAMES = {"t": "t", "student": "t", "paired t": "t", "bca": "BCa", "percentile": "percentile bootstrap"}
+VERDICTS = ("memory beyond chaos", "no memory beyond chaos", "inconclusive")
+VERDICT_CSS = {"memory beyond chaos": "v-mem", "no memory beyond chaos": "v-none", "inconclusive": "v-inc",
+               "no reference arm": "warn", "placebo": "ok", "reference": "ref"}
+DEAD_ARM = "exactly 0 at every horizon: dead arm?"
+DEAD_REFERENCE = "exactly 0 at every horizon: dead reference (no chaos baseline)"
+
+
+def half_life_text(hl, interval, model: str = "") -> str:
+    """'half-life H (lo, hi)', '∞', or what a NaN half-life means."""
+    hl = num(hl)
+    if math.isnan(hl):
+        return "no transient (half-life n/a)" if model == "flat" else "half-life n/a"
+    lo, hi = (list(interval) + [None, None])[:2] if isinstance(interval, (list, tuple)) else (None, None)
+    ci = f" ({fmt(lo, 3)}, {fmt(hi, 3)})" if (is_finite(lo) or is_finite(hi) or math.isinf(num(hi))) else ""
+    return f"half-life {fmt(hl, 3)}{ci}"
+
+
+def lifetime_summary(l: dict) -> tuple[str, str, bool]:
+    """(text, note, extrapolated) of a lifetime: 'model: plateau P (ratio R of floor), half-life
+    H (lo, hi)', ', extrapolated' when the half-life lies beyond the delays measured. Older
+    results (no model) give the half-life with its interval."""
+    extrapolated = bool(l.get("extrapolated"))
+    if ("model" in l or "plateau" in l) and not l.get("model") and not is_finite(l.get("plateau")):
+        text = "no fit"
+    elif "model" in l or "plateau" in l:
+        model = str(l.get("model") or "model")
+        text = (f"{model}: plateau {fmt(l.get('plateau'), 3)} (ratio {fmt(l.get('plateau_ratio'), 2)} of floor), "
+                + half_life_text(l.get("half_life"), l.get("interval"), model))
+    else:
         hl = num(l.get("half_life"))
         text = f"{fmt(hl, 3)} {fmt_ci(l.get('interval'), 3)}" if not math.isnan(hl) else "n/a"
-        note = "" if l.get("fit_ok") else (l.get("reason") or "fit failed")
-        if l.get("fit_ok") and l.get("reason"):
-            note = l["reason"]
-        return text, note
+    if extrapolated:
+        text += ", extrapolated"
+    notes = []
+    if not l.get("fit_ok"):
+        notes.append(str(l.get("reason") or "fit failed"))
+    else:
+        for key in ("reason", "note"):
+            if l.get(key) and str(l[key]) not in notes:
+                notes.append(str(l[key]))
+    return text, "; ".join(notes), extrapolated
+
+
+def state_summary(state) -> str:
+    """The state-space lifetime in words ('' when absent)."""
+    if not isinstance(state, dict):
+        return ""
+    text = "state space: " + half_life_text(state.get("half_life"), state.get("interval"))
+    if state.get("extrapolated"):
+        text += ", extrapolated"
+    if not state.get("fit_ok"):
+        text += f" ({state.get('reason') or 'no fit'})"
+    return text
 
 
 def _get(values, i):
@@ -302,19 +424,47 @@ def caveats(v: View) -> list[tuple[str, str]]:
         out.append(("warn", "Only one seed: intervals, tests and the noise floor (which compares seeds) are undefined "
                             "and shown as n/a."))
     nan_ci = [e for e in rows if not v.is_placebo(e.get("arm")) and
-              (not is_finite(_get(e.get("bca"), 0)) or not is_finite(_get(e.get("bca"), 1))
-               or not is_finite(_get(e.get("t"), 0)) or not is_finite(_get(e.get("t"), 1)))]
+              (not is_finite(_get(v.interval(e), 0)) or not is_finite(_get(v.interval(e), 1)))]
     if nan_ci:
         out.append(("warn", "Intervals are undefined (NaN) for: " + ", ".join(sorted({label(v, e) for e in nan_ci})) + "."))
     if v.reference is None:
-        out.append(("warn", "No reference (one-bit flip) arm: the chaos baseline is missing, so there is no excess effect "
-                            "and no lifetime; the decay curves show raw effects only."))
+        out.append(("warn", "No reference (one-bit flip) arm: the chaos baseline is missing, so there is no excess effect, "
+                            "no verdict and no lifetime; the decay curves show raw effects only."))
+    # A dead reference: exactly 0 at every horizon (recorded per program and fork step, or on its rows).
+    dead_refs = {(v.program(x), x.get("fork_step")) for x in v.references if x.get("zero_everywhere")}
+    dead_refs |= {(v.program(e), e.get("fork_step")) for e in v.estimates
+                  if e.get("distance") == v.distance and v.is_reference(e) and e.get("zero_everywhere")}
+    if dead_refs:
+        where = ", ".join(f"{p} at step {T}" for p, T in sorted(dead_refs, key=lambda k: (str(k[0]), str(k[1]))))
+        out.append(("bad", f"The reference arm '{v.reference}' measures exactly 0 at every horizon ({where}): the chaos "
+                           f"baseline is dead, so every excess equals the raw effect, the verdicts test against 0 and "
+                           f"the lifetimes are lifetimes of raw effects, not of memory beyond chaos. Flip a weight "
+                           f"that influences the output."))
+    dead = sorted({label(v, e) for e in v.estimates if e.get("distance") == v.distance and e.get("zero_everywhere")
+                   and not v.is_placebo(str(e.get("arm"))) and not v.is_reference(e)})
+    if dead:
+        out.append(("warn", f"{DEAD_ARM[0].upper() + DEAD_ARM[1:]} {', '.join(dead)}: the arm measures exactly 0 "
+                            f"({v.distance}) at every horizon and seed, so its perturbation changed nothing the probe "
+                            f"sees (does the program have the state it resets?). Its verdict says nothing about memory."))
     if not v.lifetimes:
         out.append(("warn", "No lifetimes in the results: no half-lives, and no excess curves to fit."))
     else:
         for l in v.sorted_lifetimes():
             if not l.get("fit_ok") and not v.is_placebo(l.get("arm")):
                 out.append(("info", f"Lifetime of {label(v, l)}: {l.get('reason') or 'fit failed'}."))
+        extra = [label(v, l) for l in v.sorted_lifetimes() if l.get("extrapolated")]
+        extra_state = [label(v, l) for l in v.sorted_lifetimes()
+                       if isinstance(l.get("state"), dict) and l["state"].get("extrapolated")]
+        longest = max((num(h) for l in v.lifetimes for h in l.get("horizons") or []), default=math.nan)
+        span = f" (the longest delay measured is h = {fmt(longest)})" if is_finite(longest) else ""
+        if extra:
+            out.append(("warn", f"Half-life extrapolated beyond the delays measured{span}, function space: "
+                        + ", ".join(extra) + ". Only its order of magnitude is supported; measure longer delays."))
+        if extra_state:
+            out.append(("warn", f"Half-life extrapolated beyond the delays measured{span}, state space: "
+                        + ", ".join(extra_state) + "."))
+    if any("verdict" in e for e in v.estimates) and not exp.get("verdict_rule"):
+        out.append(("warn", "The experiment does not state its verdict rule."))
     if not (v.r.get("noise_floor") or {}).get(v.distance):
         out.append(("warn", f"No noise-floor curve for {v.distance} in the results: decay plots show no floor band."))
     nan_floor = [e for e in rows if not is_finite(e.get("noise_floor"))]
@@ -372,8 +522,11 @@ def summary(v: View) -> str:
             f"The primary distance is {v.distance} at h = {v.horizon} steps after each intervention window, compared with "
             f"the seed-to-seed noise floor (the ratio is the share of ordinary run-to-run variation one perturbation causes).")
     if v.reference:
-        text += (f" Lifetimes are half-lives of the excess over the one-bit weight flip '{v.reference}' "
-                 f"(the chaos baseline), fitted as an exponential decay with a floor at zero.")
+        text += (f" Each arm is compared with the one-bit weight flip '{v.reference}' (the chaos baseline), seed by "
+                 f"seed: the excess over it decides the verdict (memory beyond chaos, no memory beyond chaos, or "
+                 f"inconclusive). Lifetimes model the excess curve as a persistent part (a plateau, compared with the "
+                 f"noise floor) plus a transient part (its half-life); where the runs record their updates, the "
+                 f"state-space lifetime is the half-life of the excess per-step update difference.")
     if v.placebo is not None and v.placebo.get("arm"):
         text += f" The placebo arm '{v.placebo['arm']}' changes nothing and must measure exactly 0."
     if num(exp.get("steps")) > 0 or num(exp.get("duration_s")) > 0:
@@ -397,8 +550,11 @@ def checklist_items(v: View) -> list[tuple[str, str]]:
             bits.append("reference (chaos baseline)")
         arms.append(", ".join(bits))
     placebo = v.placebo or {}
+    programs = exp.get("programs") if isinstance(exp.get("programs"), dict) else {}
     return [
+        ("results schema version", str(v.r.get("version", 1))),
         ("program", f"{exp.get('program', '?')} (source sha256 {exp.get('program_sha256', 'not recorded')})"),
+        ("programs (key: reference)", "; ".join(f"{k}: {ref}" for k, ref in programs.items()) or "main only"),
         ("seeds", f"{len(v.seeds)}: " + (", ".join(map(str, v.seeds)) or "none")),
         ("fork steps", ", ".join(map(str, exp.get("fork_steps") or [])) or "not given"),
         ("steps per run", fmt(exp.get("steps")) if exp.get("steps") is not None else "not given"),
@@ -413,10 +569,76 @@ def checklist_items(v: View) -> list[tuple[str, str]]:
                                  "differences are fork − factual (absolute value between seeds for the floor)"),
         ("horizons (h: steps after the window)", ", ".join(map(str, exp.get("horizons") or [])) or "not given"),
         ("primary horizon", str(v.horizon)),
-        ("interval method", str(exp.get("interval_method") or "not stated")),
+        ("interval method", str(exp.get("interval_method") or "not stated")
+         + f" (tables show the {v.interval_name()}; BCa only where labelled)"),
+        ("bootstrap resamples", fmt(exp.get("bootstrap_resamples")) if exp.get("bootstrap_resamples") is not None
+         else "not given"),
         ("multiple-testing correction", str(exp.get("multiple_testing") or "not stated")),
-        ("equivalence test (TOST) margin", fmt(exp.get("equivalence_margin")) +
+        ("equivalence test (TOST) margin", margin_text(v) +
          (f" at alpha {fmt(exp.get('alpha'))}" if exp.get("alpha") is not None else "")),
+        ("reference arm", str(v.reference) if v.reference else "none (no chaos baseline)"),
+        ("verdict rule", str(exp.get("verdict_rule") or "not stated")),
         ("placebo check", ("passed: " if placebo.get("exact_zero") else "FAILED: " if placebo else "not run")
          + str(placebo.get("detail", "")) + (f" ({placebo['checked']} values checked)" if "checked" in placebo else "")),
+    ]
+
+
+def margin_relative(v: View) -> bool:
+    """Whether the equivalence margin is a fraction of the noise floor (results version 2: the
+    absolute margin is per estimate, tost_margin) rather than an absolute distance."""
+    return num(v.r.get("version")) >= 2 or any("tost_margin" in e for e in v.estimates)
+
+
+def margin_text(v: View) -> str:
+    margin = v.exp.get("equivalence_margin")
+    if margin is None:
+        return "not stated"
+    if margin_relative(v):
+        return (f"{fmt(margin)} × the seed noise floor at each horizon (the absolute margin of each estimate is its "
+                f"TOST margin)")
+    return f"±{fmt(margin)} (absolute)"
+
+
+def arm_rows(v: View) -> list[dict]:
+    """The primary rows that carry a verdict about memory: not the placebo, not the reference."""
+    return [e for e in v.primary_rows() if v.kind(str(e.get("arm"))) == "arm"]
+
+
+def verdict_summary(v: View) -> str:
+    """One line counting the verdicts at the primary distance and horizon."""
+    rows = arm_rows(v)
+    if not rows:
+        return f"Verdicts at {v.distance}, h = {v.horizon}: no arm estimates."
+    counts: dict[str, int] = {}
+    for e in rows:
+        key = str(e.get("verdict")) if e.get("verdict") is not None else ("no verdict" if "verdict" in e
+                                                                              else "not decided in the results")
+        counts[key] = counts.get(key, 0) + 1
+    order = list(VERDICTS) + sorted(k for k in counts if k not in VERDICTS)
+    parts = [f"{counts.get(k, 0)} {k}" for k in order if k in counts or k in VERDICTS]
+    text = (f"Verdicts at {v.distance}, h = {v.horizon}, over {len(rows)} arm estimate{'s' if len(rows) != 1 else ''}"
+            f" (every program and fork step): " + ", ".join(parts) + ".")
+    dead = sum(1 for e in rows if v.dead_flag(e))
+    if dead:
+        text += f" {dead} flagged: {DEAD_ARM}"
+    return text
+
+
+def verdict_legend(v: View) -> list[tuple[str, str]]:
+    """'How to read a verdict': (verdict, meaning) pairs, the rule first."""
+    exp = v.exp
+    alpha = fmt(exp.get("alpha")) if exp.get("alpha") is not None else "alpha"
+    ref = f"the one-bit flip '{v.reference}'" if v.reference else "the reference arm"
+    return [
+        ("rule", str(exp.get("verdict_rule") or "The results do not state their verdict rule.")),
+        ("equivalence margin", margin_text(v)),
+        ("memory beyond chaos", f"the arm moves the model's predictions more than {ref} does, seed by seed: the "
+                                f"excess is positive and significant (q ≤ {alpha})."),
+        ("no memory beyond chaos", "the excess is shown to lie below the equivalence margin: whatever the arm "
+                                   "changed is forgotten as a one-bit flip is, up to the margin."),
+        ("inconclusive", "neither shown: the interval of the excess is too wide (more seeds, or a longer delay)."),
+        ("exactly 0 (checked)", "the placebo: it changes nothing, and every value is exactly 0.0."),
+        ("reference", "the chaos baseline itself; each program and fork step has its own."),
+        ("—", "no verdict (a signed metric, or the results decide none)."),
+        ("flag", f"'{DEAD_ARM}': the arm measures exactly 0 at every horizon; its perturbation changed nothing."),
     ]

@@ -1,8 +1,9 @@
 """Plots of an experiment's results with matplotlib's Agg backend (no display, no network).
 
 Two kinds of figure: the decay curves of one arm (raw effect and excess over the bit-flip
-reference against the delay after the intervention window, with interval bands and the seed
-noise floor as a band), and the per-seed effects of every arm at the primary horizon against
+reference against the delay after the intervention window, with interval bands, the seed noise
+floor as a band, the fitted model of the excess curve and its plateau; and, when the results
+have it, a third panel with the state-space lifetime), and the per-seed effects of every arm at the primary horizon against
 the noise floor (a strip plot, one row per arm, one colour per seed so the pairing shows).
 
 Each figure is written both as inline SVG (for the HTML page) and as PNG (for the Markdown
@@ -70,11 +71,17 @@ def _note(ax, text):
 
 
 def decay_figure(*, title: str, distance: str, raw: Series, excess: Series | None, floor: Series | None,
-                 reference: Series | None, fit: dict | None, excess_note: str = "", note_color: str = "#a40000"):
+                 reference: Series | None, fit: dict | None, excess_note: str = "", note_color: str = "#a40000",
+                 fitted: Series | None = None, model: str = "", plateau: tuple | None = None,
+                 state: dict | None = None):
     """Raw effect (with the noise floor band and the bit-flip reference) and the excess over the
-    reference (with the fitted decay), against the delay h after the intervention window."""
+    reference (with the fitted model of the excess curve and its plateau), against the delay h
+    after the intervention window; a third panel for the state-space lifetime (the excess
+    per-step update difference with its band and half-life) when `state` is given."""
     with plt.rc_context(RC):
-        fig, (a_raw, a_ex) = plt.subplots(1, 2, figsize=(10, 3.3))
+        n_panels = 3 if state else 2
+        fig, axes = plt.subplots(1, n_panels, figsize=(14.5 if state else 10, 3.4 if state else 3.3))
+        a_raw, a_ex = axes[0], axes[1]
         if floor is not None and _any_finite(floor.mean):
             floor.draw(a_raw, ORANGE_DARK, ORANGE, "noise floor (seed vs seed)", "noise floor 95% band",
                        style="--", alpha=0.18, zorder=1)
@@ -92,29 +99,91 @@ def decay_figure(*, title: str, distance: str, raw: Series, excess: Series | Non
         else:
             a_ex.axhline(0.0, color="#555", lw=0.8, zorder=1)
             excess.draw(a_ex, BLUE_DARK, BLUE, "mean over seeds", "95% interval")
-            if fit and fit.get("fit_ok") and _finite_pos(fit.get("half_life")) and _finite_num(fit.get("amplitude")):
+            drawn = False
+            if plateau is not None and _finite_num(plateau[0]):
+                p, lo, hi = plateau
+                if _finite_num(lo) and _finite_num(hi):
+                    a_ex.axhspan(lo, hi, color=GREEN, alpha=0.10, lw=0, zorder=1)
+                a_ex.axhline(p, color=GREEN, lw=1.1, ls="--", zorder=2, label=f"plateau {p:.3g}")
+            if fitted is not None and _any_finite(fitted.mean):
+                a_ex.plot([float(x) for x in fitted.h], finite(fitted.mean), "-", color=GREEN, lw=1.6, zorder=4,
+                          label=f"fitted model{f' ({model})' if model else ''}")
+                drawn = True
+            elif fit and fit.get("fit_ok") and _finite_pos(fit.get("half_life")) and _finite_num(fit.get("amplitude")):
                 hs = [float(x) for x in excess.h]
                 h0, h1 = min(hs), max(hs)
                 xs = [h0 + (h1 - h0) * i / 200 for i in range(201)]
                 hl, amp = float(fit["half_life"]), float(fit["amplitude"])
-                a_ex.plot(xs, [amp * 2 ** (-(x - h0) / hl) for x in xs], color=GREEN, lw=1.6,
+                a_ex.plot(xs, [amp * 2 ** (-x / hl) for x in xs], color=GREEN, lw=1.6,  # amplitude at h = 0
                           label=f"fitted decay, half-life {hl:.3g}", zorder=4)
-            elif excess_note:
+                drawn = True
+            if excess_note and not drawn:
                 a_ex.text(0.98, 0.96, excess_note, transform=a_ex.transAxes, ha="right", va="top", fontsize=7.5,
                           color=note_color, bbox={"boxstyle": "round", "fc": "white", "ec": "#ccc"})
-        a_ex.set_title("excess over the bit-flip reference")
+            elif fit and fit.get("extrapolated"):
+                a_ex.text(0.98, 0.96, "half-life extrapolated", transform=a_ex.transAxes, ha="right", va="top",
+                          fontsize=7.5, color="#9a6700", bbox={"boxstyle": "round", "fc": "white", "ec": "#e7cf8a"})
+        a_ex.set_title("excess over the bit-flip reference (function space)")
+        if state:
+            _state_panel(axes[2], state)
         labels: dict = {}
-        for ax in (a_raw, a_ex):
+        for ax in axes:
             ax.set_xlabel("h: steps after the intervention window")
             ax.grid(alpha=0.3, lw=0.6)
             for handle, text in zip(*ax.get_legend_handles_labels()):
-                labels.setdefault(text, handle)  # one legend for both panels, below them
+                labels.setdefault(text, handle)  # one legend for all panels, below them
         fig.suptitle(title, fontsize=10.5, x=0.01, ha="left", fontweight="bold")
         fig.tight_layout(rect=(0, 0.09 if labels else 0, 1, 1))
         if labels:
-            fig.legend(list(labels.values()), list(labels.keys()), loc="lower center", ncol=min(len(labels), 7),
+            fig.legend(list(labels.values()), list(labels.keys()), loc="lower center", ncol=min(len(labels), 8),
                        frameon=False, bbox_to_anchor=(0.5, 0.0))
     return fig
+
+
+def _state_panel(ax, state: dict) -> None:
+    """The state-space lifetime: the excess per-step update difference (child vs parent, minus the
+    reference child's) against the delay, with its band, the fitted decay and the half-life."""
+    hs = list(state.get("horizons") or [])
+    series = Series(hs, state.get("excess_mean") or [], state.get("excess_lo") or [], state.get("excess_hi") or [])
+    ax.set_title("state space: update difference in excess of the reference")
+    ax.set_ylabel("excess update difference")
+    if not hs or len(finite(series.mean)) != len(hs) or not _any_finite(series.mean):
+        _note(ax, "no finite state-space values")
+        return
+    ax.axhline(0.0, color="#555", lw=0.8, zorder=1)
+    series.draw(ax, "#5c3566", "#ad7fa8", "excess update difference", "update difference 95% interval")
+    hl, amp = state.get("half_life"), state.get("amplitude")
+    h = [float(x) for x in hs]
+    h0, h1 = min(h), max(h)
+    if state.get("fit_ok") and _finite_pos(hl):
+        if _finite_num(amp):
+            xs = [h0 + (h1 - h0) * i / 200 for i in range(201)]
+            # estimands.fit_decay: the amplitude is the fitted curve's value at h = 0 (not at the first delay)
+            ax.plot(xs, [amp * 2 ** (-x / hl) for x in xs], color=GREEN, lw=1.4, zorder=4,
+                    label="fitted state decay")
+        iv = [_float(x) for x in (list(state.get("interval") or []) + [None, None])[:2]]
+        ci = f" ({_g(iv[0])}, {_g(iv[1])})" if not any(math.isnan(x) for x in iv) else ""
+        text = f"half-life {hl:.3g}{ci}" + (", extrapolated" if state.get("extrapolated") else "")
+        if h0 + hl <= h1:
+            ax.axvline(h0 + hl, color=GREEN, lw=1.0, ls=":", zorder=2)
+        ax.text(0.98, 0.96, text, transform=ax.transAxes, ha="right", va="top", fontsize=7.5,
+                color="#9a6700" if state.get("extrapolated") else "#2e7d32",
+                bbox={"boxstyle": "round", "fc": "white", "ec": "#ccc"})
+    else:
+        ax.text(0.98, 0.96, "no fit: " + str(state.get("reason") or "unknown reason"), transform=ax.transAxes,
+                ha="right", va="top", fontsize=7.5, color="#a40000", wrap=True,
+                bbox={"boxstyle": "round", "fc": "white", "ec": "#ccc"})
+
+
+def _float(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _g(x: float) -> str:
+    return ("∞" if x > 0 else "−∞") if math.isinf(x) else f"{x:.3g}"
 
 
 def _finite_num(x) -> bool:

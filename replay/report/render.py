@@ -11,12 +11,15 @@ from __future__ import annotations
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
 from ..store.atomic import atomic_write_bytes
 from . import plots
-from .model import View, caveats, checklist_items, fmt, fmt_ci, fmt_p, is_finite, label, num, summary, verified_ok
+from .model import (View, caveats, checklist_items, fmt, fmt_ci, fmt_p, is_finite, label, lifetime_summary, num,
+                    VERDICT_CSS, arm_rows, state_summary, summary, verdict_legend, verdict_summary,
+                    verified_ok)
 
 CSS = """
 :root { --fg: #1f2328; --muted: #57606a; --line: #d0d7de; --head: #f6f8fa; --ok: #1a7f37; --bad: #cf222e;
@@ -37,6 +40,9 @@ p { margin: 0.5em 0; }
 .badge.ok { color: var(--ok); border-color: #8fd3a0; background: #eaf7ee; }
 .badge.bad { color: var(--bad); border-color: #f2a7ab; background: #fdecee; }
 .badge.warn { color: var(--warn); border-color: #e7cf8a; background: #fff8e5; }
+.badge.v-mem { color: #8a1538; border-color: #f0b3c4; background: #fbe3ea; }
+.badge.v-none { color: var(--ok); border-color: #8fd3a0; background: #eaf7ee; }
+.badge.v-inc { color: var(--warn); border-color: #e7cf8a; background: #fff8e5; }
 .notes { border-left: 4px solid #d4a72c; background: #fffbea; padding: 8px 14px; margin: 1em 0; font-size: 0.9em; }
 .notes.clean { border-left-color: #4ac26b; background: #f0faf3; }
 .notes.info { border-left-color: #8c959f; background: #f6f8fa; }
@@ -77,6 +83,26 @@ table.kv td { text-align: left; white-space: normal; overflow-wrap: anywhere; }
 table.hashes { margin: 0.3em 0; font-size: 1em; }
 table.hashes td { border: none; padding: 0 6px 0 0; text-align: left; background: none !important; }
 .cols { display: grid; grid-template-columns: 1fr 1fr; gap: 18px; }
+.pill { display: inline-block; border-radius: 4px; padding: 0 6px; font-weight: 600; font-style: normal;
+        border: 1px solid transparent; white-space: nowrap; }
+.pill.v-mem { color: #8a1538; background: #fbe3ea; border-color: #f0b3c4; }
+.pill.v-none { color: var(--ok); background: #eaf7ee; border-color: #8fd3a0; }
+.pill.v-inc { color: var(--warn); background: #fff8e5; border-color: #e7cf8a; }
+.pill.ok { color: var(--ok); background: #eaf7ee; border-color: #8fd3a0; }
+.pill.bad { color: var(--bad); background: #fdecee; border-color: #f2a7ab; }
+.pill.warn { color: var(--warn); background: #fff8e5; border-color: #e7cf8a; }
+.pill.ref { color: var(--muted); background: var(--head); border-color: var(--line); font-weight: 400; }
+.pill.plain { font-weight: 400; padding: 0; }
+.tag { display: inline-block; border: 1px solid #e7cf8a; background: #fff8e5; color: var(--warn); border-radius: 4px;
+       padding: 0 4px; font-size: 0.9em; font-weight: 600; font-style: normal; }
+.flag { display: block; color: var(--bad); font-weight: 700; white-space: normal; font-style: normal; }
+td.verdict { min-width: 10em; white-space: normal; }
+tr.dead td { background: #fdecee !important; }
+.verdicts { font-weight: 600; }
+.howto { border-left: 4px solid #8c959f; background: #f6f8fa; padding: 8px 14px; margin: 1em 0; font-size: 0.88em;
+         max-width: 75em; }
+.howto ul { margin: 0.3em 0; padding-left: 1.2em; }
+.howto li { margin: 0.15em 0; }
 footer { margin-top: 3em; font-size: 0.8em; color: var(--muted); border-top: 1px solid var(--line); padding-top: 0.6em; }
 """
 
@@ -88,106 +114,149 @@ def _td(text, cls: str = "", title: str = "", raw: bool = False) -> str:
     return f"<td{attrs}>{text if raw else E(str(text))}</td>"
 
 
-def _flag(value, tested: bool = True) -> tuple[str, str]:
-    if not tested:
-        return "—", "no"
-    return ("yes", "yes") if value else ("no", "no")
-
-
 # ------------------------------------------------------------------------ estimates table ----
 
 
-HEADER = ["arm", "program", "fork step", "h (step)", "seeds", "mean", "95% BCa", "95% t", "noise floor",
-          "ratio to floor", "excess over ref.", "q (BH)", "significant", "TOST equivalent", "half-life [95% CI]"]
+@dataclass
+class Cell:
+    """One cell of the estimates table, rendered alike in HTML and Markdown: the text, a css
+    class, a second line (small), a tag ('extrapolated'), a loud flag (a dead arm), a tooltip (HTML)."""
+
+    text: str
+    cls: str = ""
+    sub: str = ""
+    tag: str = ""
+    flag: str = ""
+    title: str = ""
+    pill: str = ""  # css class of a verdict pill around the text
+
+    def md(self) -> str:
+        text = self.text + (f", {self.tag}" if self.tag else "") + (f" — {self.sub}" if self.sub else "")
+        return text + (f" ⚠ {self.flag}" if self.flag else "")
+
+    def html(self) -> str:
+        body = f"<span class='pill {self.pill}'>{E(self.text)}</span>" if self.pill else E(self.text)
+        if self.tag:
+            body += f" <span class='tag'>{E(self.tag)}</span>"
+        if self.flag:
+            body += f" <span class='flag'>⚠ {E(self.flag)}</span>"
+        if self.sub:
+            body += f"<br><span class='small'>{E(self.sub)}</span>"
+        return _td(body, self.cls, title=self.title, raw=True)
 
 
-def estimate_cells(v: View, e: dict) -> tuple[list[tuple[str, str]], str]:
-    """[(text, css class)] of one row of the estimates table, and the row's class."""
+def header(v: View) -> list[str]:
+    """The estimates table's header: the default interval is named by its method."""
+    iv = v.interval_name()
+    return ["program", "arm", "fork step", "h (step)", "seeds", "effect (mean)", iv, "noise floor", "ratio to floor",
+            f"excess over {v.reference or 'the reference'} [{iv}]", "q (BH)", "verdict",
+            "lifetime: model, plateau, half-life (95% CI)"]
+
+
+def _excess_text(e: dict) -> str:
+    if e.get("excess_mean") is None:
+        return "—"
+    ci = e.get("excess_interval")
+    return fmt(e.get("excess_mean")) + (f" {fmt_ci(ci, 3)}" if isinstance(ci, (list, tuple)) else "")
+
+
+def estimate_cells(v: View, e: dict) -> tuple[list[Cell], str]:
+    """The cells of one row of the estimates table, and the row's class."""
     arm = str(e.get("arm"))
     kind = v.kind(arm)
     mean_text = fmt(e.get("mean"))
-    life, note = v.lifetime_text(e)
-    life_cls = ""
     if kind == "placebo":
-        mean_text, life, status = v.placebo_cells(e)
-        note, life_cls = "", status
-    tested = kind == "arm" and is_finite(e.get("q_value"))
-    q = fmt_p(e.get("q_value")) if kind == "arm" else "—"
-    sig, sig_cls = _flag(e.get("significant"), tested)
-    tost, tost_cls = _flag(e.get("tost_equivalent"), e.get("tost_equivalent") is not None)
+        mean_text = v.placebo_cells(e)[0]
+        life, note, extrapolated = "nothing to fit (placebo)", "", False
+    else:
+        life, note, extrapolated = v.lifetime_text(e)
+    if extrapolated and life.endswith(", extrapolated"):
+        life = life[: -len(", extrapolated")]
+    verdict, verdict_cls, reason = v.verdict_cell(e)
+    flag = v.dead_flag(e)
     step = f"{e.get('horizon')} ({e['step']})" if e.get("step") is not None else str(e.get("horizon"))
-    excess = e.get("excess_mean")
+    key = v.program(e)
     cells = [
-        (arm, "l"), (v.program(e), "l"), (str(e.get("fork_step")), ""), (step, ""),
-        (str(e.get("n_seeds", len(e.get("per_seed") or []))), ""), (mean_text, ""),
-        (fmt_ci(e.get("bca"), 3), "ci"), (fmt_ci(e.get("t"), 3), "ci"), (fmt(e.get("noise_floor")), ""),
-        (fmt(e.get("ratio"), 3), ""), ("—" if excess is None else fmt(excess), ""), (q, ""),
-        (sig, sig_cls), (tost, tost_cls), (life + (f" — {note}" if note else ""), "l life " + life_cls),
+        Cell(key, "l", title=v.program_ref(key)), Cell(arm, "l"), Cell(str(e.get("fork_step"))), Cell(step),
+        Cell(str(e.get("n_seeds", len(e.get("per_seed") or [])))), Cell(mean_text),
+        Cell(fmt_ci(v.interval(e), 3), "ci"), Cell(fmt(e.get("noise_floor"))), Cell(fmt(e.get("ratio"), 3)),
+        Cell(_excess_text(e), "ci"), Cell(fmt_p(e.get("q_value")) if kind == "arm" else "—"),
+        Cell(verdict, "l verdict", flag=flag, title=reason, pill=verdict_cls or "plain"),
+        Cell(life, "l life", sub=note, tag="extrapolated" if extrapolated else ""),
     ]
-    return cells, kind if kind != "arm" else ""
+    cls = " ".join(c for c in (kind if kind != "arm" else "", "dead" if flag else "") if c)
+    return cells, cls
 
 
 def _estimates_html(v: View) -> str:
     rows = v.primary_rows()
     if not rows:
         return "<p class='bad'>No estimates at the primary distance and horizon.</p>"
-    out = ["<div class='scroll'><table><thead><tr>"]
-    out += [f"<th class='{'l' if i < 2 or i == len(HEADER) - 1 else ''}'>{E(h)}</th>" for i, h in enumerate(HEADER)]
+    head = header(v)
+    out = ["<div class='scroll'><table class='estimates'><thead><tr>"]
+    out += [f"<th class='{'l' if i < 2 or i >= len(head) - 2 else ''}'>{E(h)}</th>" for i, h in enumerate(head)]
     out.append("</tr></thead><tbody>")
     groups = list(dict.fromkeys((v.program(e), e.get("fork_step")) for e in rows))
     current = None
     for e in rows:
         group = (v.program(e), e.get("fork_step"))
         if len(groups) > 1 and group != current:
-            out.append(f"<tr class='group'><td colspan='{len(HEADER)}'>{E(str(group[0]))} program · fork at step "
-                       f"{E(str(group[1]))}</td></tr>")
+            ref = v.program_ref(group[0])
+            out.append(f"<tr class='group'><td colspan='{len(head)}'>{E(str(group[0]))} program"
+                       + (f" <code>{E(ref)}</code>" if ref else "") + f" · fork at step {E(str(group[1]))}</td></tr>")
         current = group
         cells, cls = estimate_cells(v, e)
         out.append(f"<tr class='{cls}'>" if cls else "<tr>")
-        for i, (text, ccls) in enumerate(cells):
-            if i == 0:
-                out.append(f"<td class='l'>{E(text)}</td>")  # the arm cell: plain, for readers and tests
-            elif i == len(cells) - 1:
-                life, _, note = text.partition(" — ")
-                body = E(life) + (f"<br><span class='small'>{E(note)}</span>" if note else "")
-                out.append(_td(body, ccls.strip(), raw=True))
+        for i, cell in enumerate(cells):
+            if i == 1:
+                out.append(f"<td class='l'>{E(cell.text)}</td>")  # the arm cell: plain, for readers and tests
             else:
-                out.append(_td(text, ccls))
+                out.append(cell.html())
         out.append("</tr>")
     out.append("</tbody></table></div>")
     return "".join(out)
 
 
 def _legend(v: View) -> str:
-    margin = fmt(v.exp.get("equivalence_margin"))
+    iv = v.interval_name()
     return (f"{v.distance} at h = {v.horizon} steps after each arm's intervention window (the absolute step in "
-            f"parentheses). Mean over seeds of the seed-paired effect (fork vs the same seed's factual run). "
-            f"Noise floor: mean {v.distance} between different seeds' factual runs at the same step; ratio = mean / "
-            f"floor. Excess: mean minus the bit-flip reference's, seed by seed. q: Benjamini–Hochberg across arms of the "
-            f"test of the excess (of the effect where there is no reference); significant at q ≤ alpha; "
-            f"— = not tested (the placebo and the reference). TOST equivalent: "
-            f"the effect lies within ±{margin} (\"no memory\" claimed only then). Half-life: of the excess over the "
-            f"reference, in steps, with its bootstrap interval over seeds.")
+            f"parentheses), one row per program (the main program and its variants), fork step and arm; the reference "
+            f"arm has a row in every program and fork step, since each has its own chaos baseline. Effect: the mean "
+            f"over seeds of the seed-paired effect (fork vs the same seed's factual run) with its {iv}. Noise floor: "
+            f"mean {v.distance} between different seeds' factual runs of that program at the same step; ratio = effect "
+            f"/ floor. Excess: the effect minus the reference's, seed by seed, with its {iv}. q: Benjamini–Hochberg "
+            f"across arms of the paired test of the excess; — = not tested (the placebo and the reference). Verdict: "
+            f"see \"How to read a verdict\" (hover a verdict for its reason). Lifetime: the model of the excess curve "
+            f"(persistent part: the plateau, and its ratio to the noise floor; transient part: the half-life in steps, "
+            f"with its bootstrap interval over seeds); 'extrapolated': the half-life lies beyond the delays measured.")
+
+
+def _bca_legend(v: View) -> str:
+    n = len(v.seeds) or max((num(e.get("n_seeds")) for e in v.estimates), default=math.nan)
+    return (f"BCa: the bias-corrected and accelerated bootstrap interval, shown only where labelled, for comparison. "
+            f"With few seeds (here {fmt(n) if isinstance(n, int) or is_finite(n) else '?'}) it undercovers: it is "
+            f"narrower than its nominal 95% warrants, so the {v.interval_name()} is the default everywhere else.")
 
 
 def _all_distances(v: View) -> tuple[list[str], list[list[str]]]:
     distances = list(v.exp.get("distances") or sorted({e.get("distance") for e in v.estimates}))
     index = {(e.get("arm"), v.program(e), e.get("fork_step"), e.get("distance")): e
              for e in v.estimates if e.get("horizon") == v.horizon}
-    header = ["arm", "program", "fork step"] + distances
+    head = ["program", "arm", "fork step"] + distances
     rows = []
     for e in v.primary_rows():
-        row = [str(e.get("arm")), v.program(e), str(e.get("fork_step"))]
+        row = [v.program(e), str(e.get("arm")), str(e.get("fork_step"))]
         for d in distances:
             x = index.get((e.get("arm"), v.program(e), e.get("fork_step"), d))
-            row.append("—" if x is None else f"{fmt(x.get('mean'))} {fmt_ci(x.get('bca'))}")
+            row.append("—" if x is None else f"{fmt(x.get('mean'))} {fmt_ci(v.interval(x))}")
         rows.append(row)
-    return header, rows
+    return head, rows
 
 
 def _all_horizons(v: View) -> tuple[list[str], list[list[str]]]:
-    header = ["arm", "program", "fork step", "h (step)", "mean", "95% BCa", "95% t", "noise floor", "ratio",
-              "excess", "p", "TOST equivalent"]
+    iv = v.interval_name()
+    head = ["program", "arm", "fork step", "h (step)", "effect (mean)", iv, "95% BCa (secondary)", "noise floor",
+            "ratio", f"excess [{iv}]", "p", "q (BH)", "TOST margin", "TOST p", "verdict"]
     rows = []
     seen = []
     for e in v.primary_rows():
@@ -196,12 +265,16 @@ def _all_horizons(v: View) -> tuple[list[str], list[list[str]]]:
             continue
         seen.append(key)
         for x in v.series(*key, v.distance):
-            rows.append([str(x.get("arm")), v.program(x), str(x.get("fork_step")),
+            verdict = v.verdict_cell(x)[0]
+            flag = v.dead_flag(x)
+            rows.append([v.program(x), str(x.get("arm")), str(x.get("fork_step")),
                          f"{x.get('horizon')} ({x['step']})" if x.get("step") is not None else str(x.get("horizon")),
-                         fmt(x.get("mean")), fmt_ci(x.get("bca")), fmt_ci(x.get("t")), fmt(x.get("noise_floor")),
-                         fmt(x.get("ratio"), 3), "—" if x.get("excess_mean") is None else fmt(x.get("excess_mean")),
-                         fmt_p(x.get("p_value")), _flag(x.get("tost_equivalent"))[0]])
-    return header, rows
+                         fmt(x.get("mean")), fmt_ci(v.interval(x)), fmt_ci(x.get("bca")), fmt(x.get("noise_floor")),
+                         fmt(x.get("ratio"), 3), _excess_text(x), fmt_p(x.get("p_value")), fmt_p(x.get("q_value")),
+                         "—" if x.get("tost_margin") is None else fmt(x.get("tost_margin"), 3),
+                         fmt_p(x.get("tost_p")) if "tost_p" in x else "—",
+                         verdict + (f" ⚠ {flag}" if flag else "")])
+    return head, rows
 
 
 def _plain_table_html(header, rows, left: int = 2, cls: str = "") -> str:
@@ -219,6 +292,17 @@ def _plain_table_html(header, rows, left: int = 2, cls: str = "") -> str:
 # -------------------------------------------------------------------------------- plots ----
 
 
+def _band(v: View, entries: list, hs: list) -> plots.Series:
+    """Mean and default interval of estimates (by horizon) over the delays hs."""
+    by_h = {e.get("horizon"): e for e in entries}
+    ivs = [v.interval(by_h[h]) if h in by_h else [None, None] for h in hs]
+    return plots.Series(hs, [(by_h.get(h) or {}).get("mean") for h in hs], [x[0] for x in ivs], [x[1] for x in ivs])
+
+
+def _aligned(values, hs) -> list | None:
+    return list(values) if isinstance(values, (list, tuple)) and len(values) == len(hs) and len(hs) else None
+
+
 def _decay_inputs(v: View, l: dict) -> dict:
     program, T, arm = v.program(l), l.get("fork_step"), l.get("arm")
     d = l.get("distance") or v.distance
@@ -228,9 +312,7 @@ def _decay_inputs(v: View, l: dict) -> dict:
     if l.get("raw_mean") is not None:
         raw = plots.Series(hs, l.get("raw_mean"), l.get("raw_lo") or [], l.get("raw_hi") or [])
     else:
-        raw = plots.Series(hs, [(by_h.get(h) or {}).get("mean") for h in hs],
-                           [((by_h.get(h) or {}).get("bca") or [None, None])[0] for h in hs],
-                           [((by_h.get(h) or {}).get("bca") or [None, None])[1] for h in hs])
+        raw = _band(v, est, hs)
     excess = None
     if l.get("excess_mean") is not None:
         excess = plots.Series(hs, l.get("excess_mean"), l.get("excess_lo") or [], l.get("excess_hi") or [])
@@ -240,11 +322,15 @@ def _decay_inputs(v: View, l: dict) -> dict:
         floor = plots.Series(hs, [x[0] for x in f], [x[1] for x in f], [x[2] for x in f])
     reference = None
     if v.reference and arm != v.reference:
-        ref = {e.get("horizon"): e for e in v.series(v.reference, program, T, d)}
+        ref = v.series(v.reference, program, T, d)
         if ref:
-            reference = plots.Series(hs, [(ref.get(h) or {}).get("mean") for h in hs],
-                                     [((ref.get(h) or {}).get("bca") or [None, None])[0] for h in hs],
-                                     [((ref.get(h) or {}).get("bca") or [None, None])[1] for h in hs])
+            reference = _band(v, ref, hs)
+    fitted = _aligned(l.get("fitted"), hs)
+    plateau = None
+    if is_finite(l.get("plateau")) and ("model" in l):
+        lo, hi = (list(l.get("plateau_interval") or []) + [None, None])[:2]
+        plateau = (num(l.get("plateau")), num(lo), num(hi))
+    state = l.get("state") if isinstance(l.get("state"), dict) else None
     hl = num(l.get("half_life"))
     if l.get("fit_ok"):
         note = ""
@@ -255,27 +341,27 @@ def _decay_inputs(v: View, l: dict) -> dict:
     if v.is_placebo(arm):
         note = "placebo: exactly 0, nothing to fit" if (v.placebo or {}).get("exact_zero") else note
     return {"raw": raw, "excess": excess, "floor": floor, "reference": reference, "distance": d,
-            "fit": l, "excess_note": note, "note_color": "#2e7d32" if v.is_placebo(arm) else "#a40000"}
+            "fit": l, "excess_note": note, "note_color": "#2e7d32" if v.is_placebo(arm) else "#a40000",
+            "fitted": plots.Series(hs, fitted) if fitted else None, "model": str(l.get("model") or ""),
+            "plateau": plateau, "state": state}
 
 
 def _raw_only_inputs(v: View, e: dict) -> dict:
     """Decay inputs from the estimates alone (no lifetime in the results)."""
     est = v.series(e.get("arm"), v.program(e), e.get("fork_step"), v.distance)
     hs = [x.get("horizon") for x in est]
-    raw = plots.Series(hs, [x.get("mean") for x in est], [(x.get("bca") or [None])[0] for x in est],
-                       [(x.get("bca") or [None, None])[1] for x in est])
+    raw = _band(v, est, hs)
     f = [v.floor_at(x) for x in est]
     floor = plots.Series(hs, [x[0] for x in f], [x[1] for x in f], [x[2] for x in f])
     reference = None
     if v.reference and e.get("arm") != v.reference:
         ref = v.series(v.reference, v.program(e), e.get("fork_step"), v.distance)
         if ref:
-            reference = plots.Series([x.get("horizon") for x in ref], [x.get("mean") for x in ref],
-                                     [(x.get("bca") or [None])[0] for x in ref],
-                                     [(x.get("bca") or [None, None])[1] for x in ref])
+            reference = _band(v, ref, [x.get("horizon") for x in ref])
     excess = None
     if any(x.get("excess_mean") is not None for x in est):
-        excess = plots.Series(hs, [x.get("excess_mean") for x in est])
+        ivs = [x.get("excess_interval") or [None, None] for x in est]
+        excess = plots.Series(hs, [x.get("excess_mean") for x in est], [i[0] for i in ivs], [i[1] for i in ivs])
     why = "no lifetime in the results" + ("" if v.reference else " (no reference arm)")
     return {"raw": raw, "excess": excess, "floor": floor, "reference": reference, "distance": v.distance,
             "fit": None, "excess_note": why}
@@ -287,15 +373,34 @@ def _decay_caption(v: View, d: dict, name: str) -> str:
         return "Placebo: the fork changes nothing, so its effect is exactly 0 at every delay."
     if l is None:
         return "No lifetime: " + d["excess_note"] + "."
-    hl = num(l.get("half_life"))
-    if l.get("fit_ok"):
-        text = (f"Half-life {fmt(hl, 3)} steps, 95% interval {fmt_ci(l.get('interval'), 3)}; "
-                f"fitted amplitude {fmt(l.get('amplitude'), 3)} at h = {min(l.get('horizons') or [0])}.")
+    text, note, extrapolated = lifetime_summary(l)
+    if "model" in l:
+        caption = f"Function space: {text}"
+        if l.get("formula"):
+            caption += f"; formula: {l['formula']}"
+        caption += "."
+    elif l.get("fit_ok"):
+        caption = (f"Half-life {fmt(num(l.get('half_life')), 3)} steps, 95% interval {fmt_ci(l.get('interval'), 3)}; "
+                   f"fitted amplitude {fmt(l.get('amplitude'), 3)} at h = {min(l.get('horizons') or [0])}.")
     else:
-        text = f"Half-life {fmt(hl, 3)} (interval {fmt_ci(l.get('interval'), 3)}): {l.get('reason') or 'no fit'}."
-    if l.get("reason") and l.get("fit_ok"):
-        text += f" Note: {l['reason']}."
-    return text
+        caption = f"Half-life {text}."
+    if note:
+        caption += f" Note: {note}."
+    if extrapolated:
+        caption += " The half-life is extrapolated beyond the delays measured."
+    state = d.get("state")
+    if state:
+        caption += (f" State space ({state.get('measure') or 'update difference in excess of the reference'}): "
+                    f"{state_summary(state)[len('state space: '):]}.")
+        if state.get("note"):
+            caption += f" Note: {state['note']}."
+    elif "state" in l:
+        caption += " No state-space lifetime in the results for this arm."
+    series = v.series(l.get("arm"), v.program(l), l.get("fork_step"), l.get("distance") or v.distance)
+    flags = {v.dead_flag(e) for e in series} - {""}
+    if flags:
+        caption += f" ⚠ {sorted(flags)[0]}"
+    return caption
 
 
 def _strip_rows(v: View) -> list[plots.StripRow]:
@@ -303,7 +408,7 @@ def _strip_rows(v: View) -> list[plots.StripRow]:
     for e in v.primary_rows():
         mean, lo, hi = v.floor_at(e)
         rows.append(plots.StripRow(label=label(v, e), per_seed=e.get("per_seed") or [], mean=num(e.get("mean")),
-                                   ci=e.get("bca") or [], floor=mean, floor_lo=lo, floor_hi=hi,
+                                   ci=v.interval(e), floor=mean, floor_lo=lo, floor_hi=hi,
                                    kind=v.kind(str(e.get("arm")))))
     return rows
 
@@ -320,11 +425,13 @@ def _plots(v: View, png_dir: Path) -> tuple[list[dict], dict]:
         title = f"{name}: {v.program(item)} program, fork at step {item.get('fork_step')}"
         fig = plots.decay_figure(title=title, distance=d["distance"], raw=d["raw"], excess=d["excess"],
                                  floor=d["floor"], reference=d["reference"], fit=d["fit"],
-                                 excess_note=d["excess_note"], note_color=d.get("note_color", "#a40000"))
+                                 excess_note=d["excess_note"], note_color=d.get("note_color", "#a40000"),
+                                 fitted=d.get("fitted"), model=d.get("model", ""), plateau=d.get("plateau"),
+                                 state=d.get("state"))
         png = f"decay_{i:02d}_{_safe(name)}.png"
         svg = plots.render(fig, png_dir / png, salt=f"replay-decay-{i}")
         decays.append({"title": title, "caption": _decay_caption(v, d, name), "svg": svg, "png": png,
-                       "arm": name, "group": (v.program(item), item.get("fork_step"))})
+                       "arm": name, "group": (v.program(item), item.get("fork_step")), "state": bool(d.get("state"))})
     fig = plots.seeds_figure(_strip_rows(v), v.seeds, v.distance, v.horizon)
     strip = {"svg": plots.render(fig, png_dir / "seeds.png", salt="replay-seeds"), "png": "seeds.png"}
     return decays, strip
@@ -448,7 +555,17 @@ def _badges(v: View) -> str:
     out.append(("ok" if len(v.seeds) >= 2 else "warn", f"seeds: {len(v.seeds)}"))
     out.append(("", f"primary: {v.distance} at h = {v.horizon}"))
     if v.reference:
-        out.append(("", f"reference: {v.reference}"))
+        dead_ref = any(n[0] == "bad" and "chaos baseline is dead" in n[1] for n in caveats(v))
+        out.append(("bad" if dead_ref else "", f"reference: {v.reference}" + (" (DEAD)" if dead_ref else "")))
+    rows = arm_rows(v)
+    for verdict, css in (("memory beyond chaos", "v-mem"), ("no memory beyond chaos", "v-none"),
+                         ("inconclusive", "v-inc")):
+        n = sum(1 for e in rows if e.get("verdict") == verdict)
+        if n:
+            out.append((css, f"{verdict}: {n}"))
+    dead = sum(1 for e in rows if v.dead_flag(e))
+    if dead:
+        out.append(("bad", f"dead arms: {dead}"))
     return "<div class='badges'>" + "".join(f"<span class='badge {c}'>{E(t)}</span>" for c, t in out) + "</div>"
 
 
@@ -471,11 +588,91 @@ def _placebo_line(v: View) -> str:
     return f"<p class='bad'>Placebo check FAILED: {E(str(p.get('detail', '')))}</p>"
 
 
+DECAY_LEGEND = (
+    "Left: the raw effect (blue: mean over seeds, band: its 95% interval) against the delay h after the intervention "
+    "window, with the seed-to-seed noise floor (orange band) and the one-bit flip reference (grey): in a chaotic run "
+    "even the reference grows toward the floor. Middle: the excess over the reference, seed by seed, with the fitted "
+    "model of the excess curve (green line) and its plateau (dashed green line, band: its interval): the plateau is "
+    "the persistent part, the half-life the transient part. Right, where the results have it: the state-space "
+    "lifetime, the per-step update difference of the fork from its parent in excess of the reference fork's, with "
+    "its fitted decay and half-life. No curve need be monotone.")
+
+
+def _howto_html(v: View) -> str:
+    items = []
+    for name, text in verdict_legend(v):
+        css = VERDICT_CSS.get(name, "")
+        if name in ("rule", "equivalence margin"):
+            head = f"<strong>{E(name)}:</strong>"
+        elif name == "flag":
+            head = "<span class='flag' style='display:inline'>⚠ flag</span>"
+        else:
+            head = f"<span class='pill {css or 'ref'}'>{E(name)}</span>"
+        items.append(f"<li>{head} {E(text)}</li>")
+    return f"<div class='howto'><strong>How to read a verdict</strong><ul>{''.join(items)}</ul></div>"
+
+
+def reference_table(v: View) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the references table, without the 'other' column when nothing is in it."""
+    rows = reference_rows(v)
+    if any(r[8] for r in rows):
+        return REFERENCE_HEADER, rows
+    return REFERENCE_HEADER[:8] + REFERENCE_HEADER[9:], [r[:8] + r[9:] for r in rows]
+
+
+def reference_rows(v: View) -> list[list[str]]:
+    """One row per (program, fork step, seed) of the references: the bit-flip target of each seed."""
+    rows = []
+    for ref in v.references:
+        status = "DEAD: exactly 0 at every horizon" if ref.get("zero_everywhere") else "live"
+        targets = [t for t in ref.get("targets") or [] if isinstance(t, dict)] or [{}]
+        for t in targets:
+            other = {k: val for k, val in t.items() if k not in ("seed", "param", "index", "bit", "selected_by", "name")}
+            rows.append([str(ref.get("program") or "main"), str(ref.get("fork_step")), str(ref.get("arm") or v.reference),
+                         str(t.get("seed", "—")), str(t.get("param", "—")), str(t.get("index", "—")),
+                         str(t.get("bit", "—")), str(t.get("selected_by") or "not recorded"),
+                         json.dumps(other, sort_keys=True) if other else "", status])
+    return rows
+
+
+REFERENCE_HEADER = ["program", "fork step", "arm", "seed", "parameter", "element", "bit", "selected by", "other",
+                    "baseline"]
+
+
+def _references_text(v: View) -> tuple[str, str]:
+    """(level, sentence) above the references table."""
+    if v.reference is None:
+        return "warn", "No reference arm: no chaos baseline, so no excess, no verdicts and no lifetimes."
+    if not v.references:
+        return "warn", f"No bit-flip targets recorded in the results for the reference arm '{v.reference}'."
+    return "", (f"What the reference arm '{v.reference}' flipped in each seed's fork, per program and fork step (as "
+                f"each fork's lineage records it). A dead baseline (exactly 0 at every horizon) makes every excess a "
+                f"raw effect.")
+
+
+def _references_html(v: View) -> str:
+    level, text = _references_text(v)
+    out = f"<p class='{level}'>{E(text)}</p>" if level else f"<p class='legend'>{E(text)}</p>"
+    head, rows = reference_table(v)
+    if not rows:
+        return out
+    body = []
+    for row in rows:
+        cells = "".join(_td(c, "l" if head[i] in ("program", "arm", "parameter", "selected by", "other") else "")
+                        for i, c in enumerate(row[:-1]))
+        cells += _td(row[-1], "l " + ("bad" if row[-1].startswith("DEAD") else "yes"))
+        body.append(f"<tr>{cells}</tr>")
+    return (out + "<div class='scroll'><table class='references'><thead><tr>"
+            + "".join(f"<th class='l'>{E(h)}</th>" for h in head) + "</tr></thead><tbody>"
+            + "".join(body) + "</tbody></table></div>")
+
+
 def render_html(v: View, decays: list[dict], strip: dict, notes) -> str:
     exp = v.exp
     name = str(exp.get("name") or "replay experiment")
     if decays:
-        decay_html = "".join(f"<figure>{d['svg']}<figcaption>{E(d['caption'])}</figcaption></figure>" for d in decays)
+        decay_html = "".join(f"<figure class='decay{' state' if d['state'] else ''}'>{d['svg']}<figcaption>"
+                             f"{E(d['caption'])}</figcaption></figure>" for d in decays)
     else:
         decay_html = "<p class='warn'>No decay curves: the results hold no lifetimes and no per-horizon estimates.</p>"
     h_header, h_rows = _all_horizons(v)
@@ -495,24 +692,27 @@ def render_html(v: View, decays: list[dict], strip: dict, notes) -> str:
 {_notes_html(notes)}
 
 <h2 id="estimates">Estimates</h2>
+<p class="verdicts">{E(verdict_summary(v))}</p>
+{_howto_html(v)}
 <p class="legend">{E(_legend(v))}</p>
 {_estimates_html(v)}
-<details><summary>Every distance at h = {E(str(v.horizon))} (mean [95% BCa])</summary>
+<p class="legend">{E(_bca_legend(v))}</p>
+<details><summary>Every distance at h = {E(str(v.horizon))} (mean [{E(v.interval_name())}])</summary>
 {_plain_table_html(d_header, d_rows)}</details>
-<details><summary>Every horizon, {E(str(v.distance))}</summary>
+<details><summary>Every horizon, {E(str(v.distance))} (with the BCa interval, secondary)</summary>
 {_plain_table_html(h_header, h_rows)}</details>
 
 <h2 id="decay">Decay curves</h2>
-<p class="legend">Left: the raw effect (blue: mean over seeds, band: 95% BCa interval) against the delay h after the
-intervention window, with the seed-to-seed noise floor (orange band) and the one-bit flip reference (grey): in a
-chaotic run even the reference grows toward the floor. Right: the excess over the reference, seed by seed, with the
-fitted exponential decay (green) whose half-life is the lifetime. Neither curve need be monotone.</p>
+<p class="legend">{E(DECAY_LEGEND)}</p>
 {decay_html}
 
 <h2 id="seeds">Per-seed effects against the noise floor</h2>
-<figure>{strip['svg']}<figcaption>Each dot is one seed's effect ({E(str(v.distance))} at h = {E(str(v.horizon))}; one
-colour per seed across arms, so the pairing shows); black: the mean with its 95% BCa interval; orange: the seed noise
-floor at the same step with its interval.</figcaption></figure>
+<figure class='seeds'>{strip['svg']}<figcaption>Each dot is one seed's effect ({E(str(v.distance))} at h =
+{E(str(v.horizon))}; one colour per seed across arms, so the pairing shows); black: the mean with its
+{E(v.interval_name())}; orange: the seed noise floor at the same step with its interval.</figcaption></figure>
+
+<h2 id="references">Reference arm: bit-flip targets</h2>
+{_references_html(v)}
 
 <h2 id="checklist">Reporting checklist</h2>
 <h3>Per estimate</h3>
@@ -615,11 +815,21 @@ def _md_runs(v: View) -> str:
     return "\n\n".join(parts)
 
 
+def _md_estimate_cell(cell: Cell) -> str:
+    """A cell's Markdown text; the memory verdicts styled (bold: memory, italic: inconclusive)."""
+    text = cell.md()
+    if cell.pill == "v-mem":
+        text = f"**{cell.text}**" + text[len(cell.text):]
+    elif cell.pill == "v-inc":
+        text = f"_{cell.text}_" + text[len(cell.text):]
+    return text
+
+
 def render_markdown(v: View, decays: list[dict], plots_dir: str, notes) -> str:
     exp = v.exp
     name = str(exp.get("name") or "replay experiment")
     rows = v.primary_rows()
-    table_rows = [[c[0] for c in estimate_cells(v, e)[0]] for e in rows]
+    table_rows = [[_md_estimate_cell(c) for c in estimate_cells(v, e)[0]] for e in rows]
     p = v.placebo
     if p is None:
         placebo = "Placebo check: not in the results."
@@ -642,18 +852,23 @@ def render_markdown(v: View, decays: list[dict], plots_dir: str, notes) -> str:
         (("### Notes" if all(lvl == "info" for lvl, _ in notes) else "### Missing or degenerate pieces")
          + "\n\n" + notes_md) if notes else notes_md,
         "## Estimates",
+        f"**{md_cell(verdict_summary(v))}**",
+        "**How to read a verdict.**\n\n" + "\n".join(f"- **{md_cell(k)}**: {md_cell(t)}" for k, t in verdict_legend(v)),
         md_cell(_legend(v)),
-        _md_table(HEADER, table_rows) if table_rows else "**No estimates at the primary distance and horizon.**",
-        f"### Every distance at h = {md_cell(v.horizon)} (mean [95% BCa])",
+        _md_table(header(v), table_rows) if table_rows else "**No estimates at the primary distance and horizon.**",
+        md_cell(_bca_legend(v)),
+        f"### Every distance at h = {md_cell(v.horizon)} (mean [{md_cell(v.interval_name())}])",
         _md_table(d_header, d_rows),
-        f"### Every horizon, {md_cell(v.distance)}",
+        f"### Every horizon, {md_cell(v.distance)} (with the BCa interval, secondary)",
         _md_table(h_header, h_rows),
         "## Decay curves",
-        "Left: raw effect with its 95% band, the seed noise floor (orange) and the bit-flip reference (grey). "
-        "Right: excess over the reference with the fitted exponential decay (green).",
+        md_cell(DECAY_LEGEND),
         decay_md,
         "## Per-seed effects against the noise floor",
         f"![per-seed effects]({plots_dir}/seeds.png)",
+        "## Reference arm: bit-flip targets",
+        (lambda lt: f"**{md_cell(lt[1])}**" if lt[0] else md_cell(lt[1]))(_references_text(v)),
+        _md_table(*reference_table(v)) if reference_rows(v) else "",
         "## Reporting checklist",
         "### Per estimate",
         _md_kv(checklist_items(v)),
@@ -670,7 +885,7 @@ def render_markdown(v: View, decays: list[dict], plots_dir: str, notes) -> str:
         f"_Written by replay {md_cell(__version__)} from the experiment's results.json; the HTML page next to this file "
         "is the same report with inline SVG plots._",
     ]
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(part for part in parts if part) + "\n"
 
 
 # -------------------------------------------------------------------------------- entry ----
