@@ -41,7 +41,7 @@ __all__ = [
     "total_variation", "jensen_shannon", "hellinger", "disagreement", "accuracy", "loss",
     "parameter_distance", "linear_cka", "DISTANCES",
     "paired_effect", "interval_coverage", "DEFAULT_INTERVAL", "noise_floor", "noise_ratio", "benjamini_hochberg", "tost",
-    "excess_effect", "fit_decay",
+    "excess_effect", "fit_decay", "fit_excess_curve", "CURVE_MODELS",
 ]
 
 
@@ -646,7 +646,15 @@ def fit_decay(horizons, excess_per_seed, *, n_resamples: int = 500, confidence: 
       count as inf; resamples with no positive excess at all are left out and counted in
       ``boot_no_excess``;
     * ``fit_ok`` (a finite half-life was fitted), ``reason`` (why not, else ""), ``note``
-      (caveats of a finite fit, else "").
+      (caveats of a finite fit, else "");
+    * ``extrapolated``: True when the half-life is finite and longer than the span of the delays
+      (the fit extrapolates past the last delay; ``note`` says so too); ``interval_open``: True
+      when the interval's upper end is inf (some resampled seed sets show no decay).
+
+    This is the pure decay to zero from the first delay. It is the fit for a state-space lifetime
+    (a difference that can only shrink, e.g. the per-step update difference of a momentum reset,
+    beta^h); for an excess curve over delays, which may rise first, level off at a persistent
+    part or go negative, use fit_excess_curve.
 
     Conventions: half_life = inf (fit_ok False) when the excess does not decay over the delays
     measured -- flat or growing; precisely, when the best fit is slower than ``max_span_ratio``
@@ -664,7 +672,8 @@ def fit_decay(horizons, excess_per_seed, *, n_resamples: int = 500, confidence: 
         raise ValueError(f"excess_per_seed must be [n_seeds, {h.size}], got {e.shape}")
     out = {"amplitude": NAN, "rate": NAN, "half_life": NAN, "interval": (NAN, NAN), "fit_ok": False,
            "reason": "", "note": "", "r2": NAN, "mean_excess": [], "n_seeds": int(e.shape[0]),
-           "confidence": float(confidence), "n_resamples": int(n_resamples), "boot_no_excess": 0}
+           "confidence": float(confidence), "n_resamples": int(n_resamples), "boot_no_excess": 0,
+           "extrapolated": False, "interval_open": False}
     if not (np.all(np.isfinite(h)) and np.all(np.isfinite(e))):
         out["reason"] = "non-finite delays or excess values"
         return out
@@ -705,6 +714,7 @@ def fit_decay(horizons, excess_per_seed, *, n_resamples: int = 500, confidence: 
             tail = 100 * (1 - confidence) / 2
             out["interval"] = (float(np.percentile(boot, tail, method="lower")),
                                float(np.percentile(boot, 100 - tail, method="higher")))
+            out["interval_open"] = math.isinf(out["interval"][1])
         if out["boot_no_excess"]:
             notes.append(f"{out['boot_no_excess']} of {n_resamples} resamples had no positive excess and were left out")
     elif e.shape[0] < 2:
@@ -723,7 +733,343 @@ def fit_decay(horizons, excess_per_seed, *, n_resamples: int = 500, confidence: 
                      f"read it as < {gap:g} (the search stops at {lo:g})")
     if t_fit > span:
         notes.append(f"half-life beyond the span of the delays ({span:g}): extrapolated")
-    if math.isinf(out["interval"][1]):
+        out["extrapolated"] = True
+    if out["interval_open"]:
         notes.append("interval open above: some resampled seed sets show no decay")
     out.update(amplitude=amplitude, half_life=half_life, rate=LN2 / half_life, fit_ok=True, note="; ".join(notes))
+    return out
+
+
+# ------------------------------------------------------------------- excess curve model ----
+
+#: The models of fit_excess_curve, in the order ties go (fewer parameters first).
+CURVE_MODELS = ("flat", "decay", "rise", "rise and fall to 0", "rise and fall")
+_CURVE_K = {"flat": 1, "decay": 3, "rise": 3, "rise and fall to 0": 3, "rise and fall": 4}
+_CURVE_FORMULAS = {
+    "flat": "e(h) = c",
+    "decay": "e(h) = c + A * 2^(-(h - h0) / T), A > 0",
+    "rise": "e(h) = c - A * 2^(-(h - h0) / T), A > 0",
+    "rise and fall to 0": "e(h) = (A + B * (h - h0)) * 2^(-(h - h0) / T), B >= 0, B >= A * ln2 / T "
+                          "(rising at h0); plateau fixed at 0",
+    "rise and fall": "e(h) = c + (A + B * (h - h0)) * 2^(-(h - h0) / T), B >= 0, B >= A * ln2 / T (rising at h0)",
+}
+_SSE_FLOOR_REL = 1e-4  # residuals below 1e-4 of the curve's largest |value| (rms) count as an exact fit
+
+
+def _ls_column(f: np.ndarray, e: np.ndarray, intercept: bool, sign: int):
+    """Least squares of e [b, n] on one column f [b, G, n] (plus a constant when ``intercept``),
+    the coefficient clamped to sign (+1: >= 0, -1: <= 0, 0: free). Returns (coef, c, sse) [b, G]."""
+    if intercept:
+        fm, em = f.mean(axis=-1), e.mean(axis=-1)
+        fc, ec = f - fm[..., None], (e - em[:, None])[:, None, :]
+    else:
+        fc, ec = f, e[:, None, :]
+    ff = np.einsum("bgn,bgn->bg", fc, fc)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = np.where(ff > 0, np.einsum("bgn,bgn->bg", fc, np.broadcast_to(ec, fc.shape)) / ff, 0.0)
+    if sign > 0:
+        a = np.maximum(a, 0.0)
+    elif sign < 0:
+        a = np.minimum(a, 0.0)
+    sse = ((ec - a[..., None] * fc) ** 2).sum(axis=-1)
+    c = em[:, None] - a * fm if intercept else np.zeros_like(a)
+    return a, c, sse
+
+
+def _curve_sse(model: str, x: np.ndarray, e: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For curves e [b, n] at offsets x = h - h0 and half-lives ts [b, G]: the least-squares
+    (sse, c, A, B, interior) [b, G] of ``model`` at each half-life, with its sign constraints
+    (exact: a convex problem in (c, A, B) for fixed T, solved in closed form over its active
+    sets). ``interior``: no constraint is active (A != 0 for decay and rise; for the rise-and-fall
+    models B > 0 and B T > A ln2: the curve rises at h0 and falls later)."""
+    g = np.exp2(-x[None, None, :] / ts[:, :, None])  # [b, G, n]
+    zero = np.zeros(ts.shape)
+    if model in ("decay", "rise"):
+        a, c, sse = _ls_column(g, e, True, 1 if model == "decay" else -1)
+        return sse, c, a, zero, a != 0
+    intercept = model == "rise and fall"
+    xg = x[None, None, :] * g
+    # interior: free (A, B) by the 2x2 normal equations, kept where it satisfies both constraints
+    if intercept:
+        f1, f2 = g - g.mean(axis=-1, keepdims=True), xg - xg.mean(axis=-1, keepdims=True)
+        ec = (e - e.mean(axis=-1, keepdims=True))[:, None, :]
+    else:
+        f1, f2, ec = g, xg, e[:, None, :]
+    s11, s12, s22 = (np.einsum("bgn,bgn->bg", u, v) for u, v in ((f1, f1), (f1, f2), (f2, f2)))
+    r1, r2 = np.einsum("bgn,bgn->bg", f1, np.broadcast_to(ec, f1.shape)), np.einsum(
+        "bgn,bgn->bg", f2, np.broadcast_to(ec, f2.shape))
+    det = s11 * s22 - s12 * s12
+    ok = det > 1e-12 * s11 * s22
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a_in = np.where(ok, (s22 * r1 - s12 * r2) / det, 0.0)
+        b_in = np.where(ok, (s11 * r2 - s12 * r1) / det, 0.0)
+    ok &= (b_in >= 0) & (b_in * ts >= a_in * LN2)
+    sse_in = np.where(ok, ((ec - a_in[..., None] * f1 - b_in[..., None] * f2) ** 2).sum(axis=-1), np.inf)
+    # boundary B = 0 (then A <= 0), and boundary B = A ln2 / T (then A >= 0)
+    a_b0, c_b0, sse_b0 = _ls_column(g, e, intercept, -1)
+    a_b1, c_b1, sse_b1 = _ls_column(g * (1 + x[None, None, :] * LN2 / ts[:, :, None]), e, intercept, 1)
+    pick = np.argmin(np.stack([sse_in, sse_b0, sse_b1]), axis=0)
+    a = np.choose(pick, [a_in, a_b0, a_b1])
+    b = np.choose(pick, [b_in, zero, a_b1 * LN2 / ts])
+    sse = np.choose(pick, [sse_in, sse_b0, sse_b1])
+    if intercept:
+        c = e.mean(axis=-1)[:, None] - a * g.mean(axis=-1) - b * xg.mean(axis=-1)
+    else:
+        c = zero
+    return sse, c, a, b, pick == 0
+
+
+def _profile_curve(model: str, x: np.ndarray, curves: np.ndarray, lo: float, hi: float) -> dict:
+    """Best (T, c, A, B, sse) per curve [B, n] for a transient model: the least squares at each
+    half-life of a log grid over [lo, hi], then of a finer grid within one coarse step either side
+    of the best (as _profile_fit: deterministic, no starting point). Ties go to the shorter T."""
+    coarse = np.geomspace(lo, hi, _GRID_COARSE)
+    step = coarse[1] / coarse[0]
+    offsets = np.geomspace(1 / step, step, _GRID_FINE)
+
+    def best(e: np.ndarray, ts: np.ndarray):
+        sse, c, a, b, interior = _curve_sse(model, x, e, ts)
+        pick = np.argmin(sse, axis=1)
+        rows = np.arange(e.shape[0])
+        return (ts[rows, pick], c[rows, pick], a[rows, pick], b[rows, pick], sse[rows, pick],
+                interior[rows, pick])
+
+    parts = []
+    for start in range(0, curves.shape[0], 64):
+        e = curves[start:start + 64]
+        t = best(e, np.broadcast_to(coarse, (e.shape[0], coarse.size)))[0]
+        parts.append(best(e, np.clip(t[:, None] * offsets[None, :], lo, hi)))
+    keys = ("T", "c", "A", "B", "sse", "interior")
+    return {key: np.concatenate([p[i] for p in parts]) for i, key in enumerate(keys)}
+
+
+def _curve_values(model: str, x: np.ndarray, fit: dict) -> np.ndarray:
+    """Model values [B, n] of fits (arrays [B]) at offsets x."""
+    if model == "flat":
+        return np.broadcast_to(fit["c"][:, None], (fit["c"].size, x.size))
+    g = np.exp2(-x[None, :] / fit["T"][:, None])
+    return fit["c"][:, None] + (fit["A"][:, None] + fit["B"][:, None] * x[None, :]) * g
+
+
+def _fit_model(model: str, x: np.ndarray, curves: np.ndarray, lo: float, hi: float) -> dict:
+    if model == "flat":
+        c = curves.mean(axis=1)
+        return {"c": c, "sse": ((curves - c[:, None]) ** 2).sum(axis=1), "T": np.full(c.shape, NAN),
+                "A": np.zeros(c.shape), "B": np.zeros(c.shape), "interior": np.ones(c.shape, dtype=bool)}
+    return _profile_curve(model, x, curves, lo, hi)
+
+
+def _curve_params(model: str, fit: dict, h0: float) -> dict:
+    """The fitted parameters of the first curve in ``fit``, as in the formula (A > 0 for rise)."""
+    c, t, a, b = (float(fit[k][0]) for k in ("c", "T", "A", "B"))
+    if model == "flat":
+        return {"c": c}
+    if model in ("decay", "rise"):
+        return {"c": c, "A": abs(a), "T": t}
+    # the maximum of (A + B x) 2^(-x/T) over x >= 0: at x = T/ln2 - A/B; on the constraint B T = A ln2
+    # (flat start) at h0; with B = 0 (a rise, no fall) never reached: inf
+    if b <= 0:
+        peak = math.inf
+    elif not fit["interior"][0]:
+        peak = h0
+    else:
+        peak = h0 + max(t / LN2 - a / b, 0.0)
+    return {"c": c, "A": a, "B": b, "T": t, "peak": peak}
+
+
+def fit_excess_curve(horizons, excess_per_seed, *, n_resamples: int = 500, confidence: float = 0.95,
+                     random_state: int = 0, max_span_ratio: float = 10.0) -> dict:
+    """A persistent part and a transient part of an excess curve: fit the per-seed-mean excess
+    e(h) (not clipped: an excess may be negative) with the models of CURVE_MODELS and keep the
+    one of lowest BIC.
+
+    ``horizons``: the n_h delays h; ``excess_per_seed``: [n_seeds, n_h] (see excess_effect).
+    With x = h - h0, h0 = the first delay, the models are (A, B, c, T as in ``formula``)
+
+    * "flat":  e = c (persistent part only, 1 parameter);
+    * "decay": e = c + A 2^(-x/T), A > 0: a transient decaying to the plateau c (3 parameters);
+    * "rise":  e = c - A 2^(-x/T), A > 0: a rise to the plateau c, T its half-time (3);
+    * "rise and fall": e = c + (A + B x) 2^(-x/T), B >= 0 and B >= A ln2 / T (the curve rises at
+      h0, peaks at h0 + T/ln2 - A/B, then decays to the plateau c with the factor 2^(-x/T)) (4);
+    * "rise and fall to 0": the same with c fixed at 0, not estimated (3): the stand-in where
+      "rise and fall" is not eligible (exactly four distinct delays), and only there.
+
+    A model is eligible when its number of parameters k (T counted) is below the number of
+    distinct delays. It is selectable unless its best fit lies on its constraint (then it is a
+    simpler model: a decay or rise with A = 0; a rise and fall without the rise) and, for a rise
+    and fall, unless its peak lies strictly between the first and the last delay (else the data
+    show no rise, or no fall). Selection: the lowest BIC = SSE / s^2 + k ln n over the n points of
+    the mean curve, s^2 the variance of one point of the mean curve estimated from the seeds
+    (the per-delay variance over seeds, ddof 1, averaged over delays, / n_seeds; floored at
+    (1e-4 max|e|)^2, so a fit closer than that counts as exact and an exact curve goes to the
+    fewest parameters); with one seed the variance is profiled out: BIC = n ln(SSE / n) + k ln n,
+    the SSE floored alike. Ties go to the earlier model in CURVE_MODELS. AICc would need
+    n >= k + 2 and so rule out every transient model at four delays. The noise is treated as
+    independent across delays (a seed-level shift of the whole curve goes into c).
+
+    Fits: for each half-life T on the log grid of _profile_fit (from a tenth of the smallest gap
+    between delays to 10 * max_span_ratio * span), the best c, A, B are linear least squares under
+    the sign constraints (closed form, exact); T is the grid point of least SSE: deterministic, no
+    starting point, no local minimum. Intervals: ``n_resamples`` bootstrap resamples of seeds
+    (rows), each refitted WITH THE CHOSEN MODEL, percentile ends as order statistics (lower /
+    higher), generator seeded with ``random_state``.
+
+    Returns ``model``, ``formula``, ``plateau`` (c: the model's value as h -> inf, the persistent
+    part), ``plateau_interval``, ``half_life`` (T of the transient: NaN for "flat"; inf when T is
+    beyond ``max_span_ratio`` times the span of the delays -- then the transient does not level
+    off over the delays measured, the plateau is not determined (NaN) and ``fit_ok`` is False),
+    ``interval`` (of the half-life), ``extrapolated`` (a finite half-life beyond the span),
+    ``interval_open`` (the half-life interval's upper end is inf), ``fit_ok``, ``reason`` (why the
+    result is special, else ""), ``note`` (caveats, else ""), ``r2``, ``fitted`` (the model at the
+    delays), ``mean_excess``, ``candidates`` ({model: {"k", "sse", "bic", "selectable", "params"}}
+    of the eligible models; params as in the formula, T the fitted grid value, plus "peak", the
+    delay of the maximum, for a rise and fall), ``criterion`` ("BIC"), ``noise_var`` (s^2; NaN
+    with one seed), ``n_seeds``, ``confidence``, ``n_resamples`` and
+    ``boot_no_transient`` (resamples whose refit has no transient, A = B = 0: left out of the
+    half-life interval, kept in the plateau interval).
+
+    Bootstrap conventions: a resample whose transient does not level off (T beyond the limit) has
+    half-life inf and plateau -inf or +inf, on the side the transient points away from at the last
+    delay (a decay still falling has its plateau below: -inf). Special cases: every per-seed value
+    exactly 0 -> "flat", plateau 0.0, interval (0.0, 0.0), half-life NaN, with a reason; a mean
+    curve exactly 0 -> "flat" at 0.0; fewer than two distinct delays, no seeds or non-finite values
+    -> no fit, a reason; fewer than two seeds -> a fit, no intervals (NaN), a note.
+    """
+    h = _numpy(horizons).ravel()
+    e = np.atleast_2d(_numpy(excess_per_seed))
+    if e.ndim != 2 or e.shape[1] != h.size:
+        raise ValueError(f"excess_per_seed must be [n_seeds, {h.size}], got {e.shape}")
+    out = {"model": "", "formula": "", "plateau": NAN, "plateau_interval": (NAN, NAN), "half_life": NAN,
+           "interval": (NAN, NAN), "extrapolated": False, "interval_open": False, "fit_ok": False, "reason": "",
+           "note": "", "r2": NAN, "fitted": [], "mean_excess": [], "candidates": {}, "criterion": "BIC",
+           "noise_var": NAN, "n_seeds": int(e.shape[0]), "confidence": float(confidence),
+           "n_resamples": int(n_resamples), "boot_no_transient": 0}
+    if not (np.all(np.isfinite(h)) and np.all(np.isfinite(e))):
+        out["reason"] = "non-finite delays or excess values: no fit"
+        return out
+    uniq = np.unique(h)
+    if uniq.size < 2 or e.shape[0] == 0:
+        out["reason"] = "a curve needs at least two distinct delays and one seed: no fit"
+        return out
+    span = float(uniq[-1] - uniq[0])
+    gap = float(np.min(np.diff(uniq)))
+    limit = max_span_ratio * span
+    lo, hi = gap / 10.0, 10.0 * limit
+    h0 = float(uniq[0])
+    x = h - h0
+    mean = e.mean(axis=0)
+    out["mean_excess"] = [float(v) + 0.0 for v in mean]
+    n_pts = h.size
+    scale = float(np.max(np.abs(mean)))
+    notes = []
+
+    # ---- selection on the mean curve
+    fits = {}
+    if scale == 0:
+        eligible = ["flat"]
+    else:
+        eligible = [m for m in CURVE_MODELS if _CURVE_K[m] < uniq.size]
+        if "rise and fall" in eligible:  # the stand-in with its plateau fixed at 0 only where needed
+            eligible.remove("rise and fall to 0")
+        left_out = [m for m in CURVE_MODELS if m not in eligible and _CURVE_K[m] >= uniq.size]
+        if left_out:
+            notes.append(f"not eligible with {uniq.size} distinct delays (parameters must be fewer): "
+                         + ", ".join(f"{m} ({_CURVE_K[m]})" for m in left_out))
+    # BIC = chi2 + k ln n with the variance of a mean-curve point estimated from the seeds (pooled
+    # over delays, floored at (1e-4 max|e|)^2); one seed: the variance profiled out, n ln(SSE / n).
+    floor_var = (_SSE_FLOOR_REL * scale) ** 2
+    noise_var = float(e.var(axis=0, ddof=1).mean()) / e.shape[0] if e.shape[0] >= 2 else NAN
+    out["noise_var"] = noise_var
+
+    def bic(sse: float, k: int) -> float:
+        if scale == 0:
+            return NAN
+        if e.shape[0] >= 2:
+            return sse / max(noise_var, floor_var) + k * math.log(n_pts)
+        return n_pts * math.log(max(sse, n_pts * floor_var) / n_pts) + k * math.log(n_pts)
+
+    chosen, best_bic = None, math.inf
+    for m in eligible:
+        fit = _fit_model(m, x, mean[None, :], lo, hi)
+        sse = float(fit["sse"][0])
+        fits[m] = fit
+        params = _curve_params(m, fit, h0)
+        # a transient model on its constraint is a simpler model; a rise and fall must also peak
+        # strictly between the first and the last delay (else the data show no rise, or no fall)
+        selectable = m == "flat" or bool(fit["interior"][0])
+        if "peak" in params:
+            selectable = selectable and h0 < params["peak"] < float(uniq[-1])
+        out["candidates"][m] = {"k": _CURVE_K[m], "sse": sse, "bic": bic(sse, _CURVE_K[m]), "selectable": selectable,
+                                "params": params}
+        if selectable and (chosen is None or out["candidates"][m]["bic"] < best_bic):
+            chosen, best_bic = m, out["candidates"][m]["bic"]
+    fit = fits[chosen]
+    fitted = _curve_values(chosen, x, fit)[0]
+    sst = float(((mean - mean.mean()) ** 2).sum())
+    out.update(model=chosen, formula=_CURVE_FORMULAS[chosen], fitted=[float(v) + 0.0 for v in fitted],
+               r2=1.0 - float(fit["sse"][0]) / sst if sst > 0 else NAN)
+    t_fit = float(fit["T"][0])
+    transient = chosen != "flat" and (fit["A"][0] != 0 or fit["B"][0] != 0)
+    if chosen == "flat":
+        out.update(plateau=float(fit["c"][0]) + 0.0, fit_ok=True)
+    elif t_fit > limit:
+        out.update(half_life=math.inf,
+                   reason=f"the {chosen} transient does not level off over the delays measured (its half-life is "
+                          f"beyond {max_span_ratio:g} x their span of {span:g}): half-life inf, plateau not determined")
+    else:
+        out.update(half_life=t_fit, plateau=float(fit["c"][0]) + 0.0, fit_ok=True,
+                   extrapolated=bool(t_fit > span))
+        if t_fit < gap:
+            notes.append(f"half-life below the smallest gap between delays ({gap:g}): not resolved by these "
+                         f"delays, read it as < {gap:g}")
+        if t_fit > span:
+            notes.append(f"half-life beyond the span of the delays ({span:g}): extrapolated")
+    if chosen in ("rise and fall", "rise and fall to 0") and transient:
+        peak = out["candidates"][chosen]["params"]["peak"]
+        notes.append(f"rises from h = {h0:g} to a peak at h = {peak:.3g}, then decays with factor 2^(-(h - h0)/T)")
+    if chosen == "rise and fall to 0":
+        notes.append("the plateau is fixed at 0 by this model, not estimated: no plateau interval")
+
+    # ---- intervals: bootstrap over seeds, refitting the chosen model
+    if scale == 0 and not np.any(e != 0):
+        out.update(plateau_interval=(0.0, 0.0), fit_ok=True,
+                   reason="every per-seed excess is exactly 0: flat at 0.0, no effect beyond the reference at "
+                          "any delay (half-life NaN)")
+        out["note"] = "; ".join(notes)
+        return out
+    if scale == 0:
+        out["reason"] = "the mean excess is exactly 0 at every delay: flat at 0.0 (half-life NaN)"
+    if e.shape[0] >= 2 and n_resamples > 0:
+        rng = np.random.default_rng(random_state)
+        picks = rng.integers(0, e.shape[0], size=(n_resamples, e.shape[0]))
+        curves = e[picks].mean(axis=1)
+        boot = _fit_model(chosen, x, curves, lo, hi)
+        tail = 100 * (1 - confidence) / 2
+
+        def ends(values: np.ndarray) -> tuple[float, float]:
+            return (float(np.percentile(values, tail, method="lower")) + 0.0,
+                    float(np.percentile(values, 100 - tail, method="higher")) + 0.0)
+
+        if chosen == "flat":
+            out["plateau_interval"] = ends(boot["c"])
+        else:
+            has = (boot["A"] != 0) | (boot["B"] != 0)
+            out["boot_no_transient"] = int((~has).sum())
+            open_ = boot["T"] > limit
+            last = _curve_values(chosen, np.array([uniq[-1] - h0]), boot)[:, 0] - boot["c"]
+            plateaus = np.where(open_ & has, -np.sign(last) * np.inf, boot["c"])
+            plateaus = np.where(open_ & has & (last == 0), boot["c"], plateaus)
+            if chosen != "rise and fall to 0":
+                out["plateau_interval"] = ends(plateaus)
+            if has.any():
+                out["interval"] = ends(np.where(open_, np.inf, boot["T"])[has])
+                out["interval_open"] = math.isinf(out["interval"][1])
+            if out["boot_no_transient"]:
+                notes.append(f"{out['boot_no_transient']} of {n_resamples} resamples had no transient (A = B = 0): "
+                             "left out of the half-life interval")
+            if out["interval_open"]:
+                notes.append("half-life interval open above: some resampled seed sets do not level off")
+    elif e.shape[0] < 2:
+        notes.append("fewer than two seeds: no interval")
+    out["note"] = "; ".join(notes)
     return out

@@ -442,3 +442,24 @@ def test_decay_fit_no_effect_and_floor_at_zero():
     with pytest.raises(ValueError):
         est.fit_decay(H, np.zeros((3, 4)))
     assert "two distinct delays" in est.fit_decay([5.0, 5.0], np.ones((3, 2)))["reason"]
+
+
+def test_decay_fit_flags_extrapolated_and_open_intervals_as_keys():
+    rng = np.random.default_rng(9)
+    h = np.array([0, 5, 10, 20], dtype=float)  # span 20
+    slow = est.fit_decay(h, 0.5 * 2 ** (-h / 60) + 0.002 * rng.standard_normal((5, h.size)), n_resamples=200)
+    assert slow["fit_ok"] and slow["half_life"] > 20 and slow["extrapolated"] is True
+    assert "extrapolated" in slow["note"]
+    assert slow["interval_open"] == math.isinf(slow["interval"][1])
+    quick = est.fit_decay(H, 0.5 * 2 ** (-H / 15) + 0.02 * rng.standard_normal((8, H.size)), n_resamples=200)
+    assert quick["fit_ok"] and quick["extrapolated"] is False and quick["interval_open"] is False
+    # three seeds decay, one grows: the mean decays (0.3 -> 0.18), but a resample with the growing
+    # seed twice or more (P = 0.26) does not -> the interval is open above, said in both
+    mixed = np.vstack([np.tile(0.3 * 2 ** (-h / 10), (3, 1)), 0.3 + 0.01 * h])
+    wobbly = est.fit_decay(h, mixed, n_resamples=200)
+    assert wobbly["fit_ok"] and wobbly["interval_open"] is True and math.isinf(wobbly["interval"][1])
+    assert "interval open above" in wobbly["note"]
+    flat = est.fit_decay(H, np.full((4, H.size), 0.3), n_resamples=20)
+    assert flat["extrapolated"] is False and flat["interval_open"] is True  # (inf, inf)
+    none = est.fit_decay(H, np.zeros((4, H.size)), n_resamples=20)
+    assert none["extrapolated"] is False and none["interval_open"] is False
