@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .store import RunDir, RunError
@@ -164,28 +165,74 @@ def _cmd_diff(args) -> int:
     return 0
 
 
+def _f(x, width: int = 0, digits: int = 4) -> str:
+    """A number for a table: NaN as '-', inf as 'inf'."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "-".rjust(width)
+    text = "-" if math.isnan(x) else ("inf" if math.isinf(x) else f"{x:.{digits}f}")
+    return text.rjust(width)
+
+
+def _ci(pair, digits: int = 4) -> str:
+    if not pair or len(pair) != 2:
+        return "-"
+    return f"({_f(pair[0], 0, digits)}, {_f(pair[1], 0, digits)})"
+
+
+def _life(value, interval, extrapolated: bool) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    text = f"{_f(value, 0, 1)} {_ci(interval, 1)}"
+    return text + (" extrapolated" if extrapolated else "")
+
+
 def print_estimates(results: dict) -> None:
-    """The estimates table at the primary horizon and distance, one row per arm."""
+    """The estimates table at the primary horizon and distance (one row per program and arm), then
+    the lifetimes table. Every number is in results.json."""
     exp = results["experiment"]
     d, h = exp["primary_distance"], exp["primary_horizon"]
     rows = [e for e in results["estimates"] if e["distance"] == d and e["horizon"] == h]
-    life = {(l["arm"], l.get("program"), l["fork_step"]): l for l in results["lifetimes"]}
-    print(f"\n{exp['name']}: {d} on the probe set ({exp['probe']['size']} examples), "
-          f"{len(exp['seeds'])} seeds, {h} steps after each intervention window\n")
-    head = f"{'arm':<16}{'fork':>5} {'effect':>10} {'95% BCa interval':>22} {'floor':>9} {'ratio':>7} {'q':>7}  half-life (95% CI)"
+    print(f"\n{exp['name']}: {d} on the probe set ({exp['probe']['size']} examples), {len(exp['seeds'])} seeds, "
+          f"{h} steps after each intervention window")
+    pw = max([len("program")] + [len(str(e["program"])) for e in results["estimates"]]) + 2
+    aw = max([len("arm")] + [len(str(e["arm"])) for e in results["estimates"]]) + 2
+    head = (f"{'program':<{pw}}{'arm':<{aw}}{'fork':>5} {'effect':>8} {'95% t interval':>20} {'floor':>8} {'ratio':>6} "
+            f"{'excess over reference (95% CI)':>32} {'q':>6}  verdict")
     print(head)
     print("-" * len(head))
     for e in rows:
-        lt = life.get((e["arm"], e.get("program"), e["fork_step"]))
-        if e["arm"] == "placebo":
-            half = "exactly 0 (checked)" if results["placebo"]["exact_zero"] else "NOT ZERO"
-        elif lt is None:
-            half = "reference" if e.get("reference") else "-"
+        if e.get("placebo"):
+            interval = "exactly 0 (checked)" if results["placebo"]["exact_zero"] else "NOT ZERO"
+            excess, q = "", ""
         else:
-            half = f"{lt['half_life']:.1f} ({lt['interval'][0]:.1f}, {lt['interval'][1]:.1f})"
-        interval = f"({e['bca'][0]:.4f}, {e['bca'][1]:.4f})"
-        print(f"{e['arm']:<16}{e['fork_step']:>5} {e['mean']:>10.4f} {interval:>22} {e['noise_floor']:>9.4f} "
-              f"{e['ratio']:>7.2f} {e['q_value']:>7.3f}  {half}")
+            interval = _ci(e["interval"])
+            excess = "" if e.get("excess_mean") is None else f"{_f(e['excess_mean'])} {_ci(e['excess_interval'])}"
+            q = _f(e.get("q_value"), 0, 3)
+        verdict = e.get("verdict") or ""
+        if e.get("zero_everywhere") and not e.get("placebo"):
+            verdict += " [exactly 0 at every horizon]"
+        print(f"{e['program']:<{pw}}{e['arm']:<{aw}}{e['fork_step']:>5} {_f(e['mean'], 8)} {interval:>20} "
+              f"{_f(e['noise_floor'], 8)} {_f(e['ratio'], 6, 2)} {excess:>32} {q:>6}  {verdict}")
+    lifetimes = results.get("lifetimes") or []
+    if lifetimes:
+        print(f"\nlifetimes ({d}; excess over the reference against the delay h):")
+        head = (f"{'program':<{pw}}{'arm':<{aw}}{'fork':>5}  {'model':<14}{'plateau (95% CI)':>26} {'/floor':>7}  "
+                f"{'half-life (95% CI)':<30}{'state half-life (95% CI)'}")
+        print(head)
+        print("-" * len(head))
+        for l in lifetimes:
+            state = l.get("state") or {}
+            plateau = f"{_f(l['plateau'])} {_ci(l['plateau_interval'])}"
+            print(f"{l['program']:<{pw}}{l['arm']:<{aw}}{l['fork_step']:>5}  {l['model']:<14}{plateau:>26} "
+                  f"{_f(l['plateau_ratio'], 7, 2)}  {_life(l['half_life'], l['interval'], l['extrapolated']):<30}"
+                  f"{_life(state.get('half_life'), state.get('interval'), state.get('extrapolated', False))}")
+    dead = [r for r in results.get("references") or [] if r.get("zero_everywhere")]
+    for r in dead:
+        print(f"\nWARNING: the reference arm is exactly 0 at every horizon ({r['program']}, fork step {r['fork_step']})")
+    print(f"\nverdicts: excess over the reference, BH across arms; 'no memory beyond chaos' means below "
+          f"{exp.get('equivalence_margin')} x the noise floor (TOST, upper side). See docs/estimands.md.")
     print()
 
 

@@ -1,0 +1,39 @@
+"""Programs of the validation experiments (docs/validation.md): an MLP on scikit-learn's digits.
+
+`momentum_090` / `momentum_099`: plain SGD with momentum 0.9 and 0.99 at the same effective
+               step size lr / (1 - beta) = 0.5, no BatchNorm, no dropout, no EMA, so that the
+               only memory a momentum reset removes is the momentum buffer;
+`probe`        the 297 held-out digits.
+"""
+
+import torch
+import torch.nn.functional as F
+
+import replay
+from replay.datasets import digits
+
+(x_train, y_train), (x_probe, y_probe) = digits()
+
+
+def probe():
+    return x_probe, y_probe
+
+
+def mlp():
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+
+def _sgd(momentum: float, lr: float, steps: int) -> replay.Program:
+    return replay.Program(
+        model=mlp, dataset=(x_train, y_train), loss=F.cross_entropy,
+        optimizer=lambda m: replay.optim.SGD(m.parameters(), lr=lr, momentum=momentum),
+        batch_size=64, steps=steps, checkpoint_every=100,
+        description=f"digits MLP, SGD momentum {momentum}, lr {lr} (lr / (1 - beta) = {lr / (1 - momentum):g})")
+
+
+def momentum_090() -> replay.Program:
+    return _sgd(0.9, 0.05, 400)
+
+
+def momentum_099() -> replay.Program:
+    return _sgd(0.99, 0.005, 400)

@@ -1,0 +1,138 @@
+"""Print the Markdown tables of docs/validation.md from the validation experiments' results.
+
+    python examples/validation/tables.py validation      # the folder holding chaos/, momentum/, ...
+
+Each experiment is run first with `replay experiment examples/validation/NAME.toml --out
+validation/NAME`; this script only reads their results.json and formats what is there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def load(folder: Path, name: str) -> dict | None:
+    path = folder / name / "results.json"
+    if not path.is_file():
+        print(f"<!-- {path} is missing: run `replay experiment examples/validation/{name}.toml --out {folder / name}` -->\n")
+        return None
+    return json.loads(path.read_text(), parse_constant=float)
+
+
+def f(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    return f"{x:.{digits}f}"
+
+
+def ci(pair, digits: int = 4) -> str:
+    return f"({f(pair[0], digits)}, {f(pair[1], digits)})" if pair else "-"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def placebo_table(results: dict[str, dict]) -> str:
+    rows = []
+    for name, r in results.items():
+        placebo = [e for e in r["estimates"] if e["placebo"]]
+        values = [v for e in placebo for v in e["per_seed"]]
+        rows.append([name, str(len(values)), str(sum(v == 0.0 for v in values)),
+                     str(r["placebo"].get("ledgers_compared", "-")), "yes" if r["placebo"]["exact_zero"] else "NO"])
+    return table(["experiment", "placebo values (seeds × steps × distances)", "exactly 0.0", "ledgers equal to the parent's",
+                  "exact zero"], rows)
+
+
+def chaos_table(r: dict) -> str:
+    d = r["experiment"]["primary_distance"]
+    rows = []
+    for e in sorted((e for e in r["estimates"] if e["reference"] and e["distance"] == d), key=lambda e: e["horizon"]):
+        floor = r["noise_floor"][d]["by_fork_step"][f"{e['program']}@{e['fork_step']}"]
+        i = floor["steps"].index(e["step"])
+        rows.append([str(e["horizon"]), str(e["step"]), f"{f(floor['mean'][i])} {ci([floor['lo'][i], floor['hi'][i]])}",
+                     f"{f(e['mean'])} {ci(e['interval'])}", f(e["ratio"], 2)])
+    return table(["delay h", "step", f"seed floor ({d}, 95% bootstrap)", "one-bit flip effect (95% t)", "flip / floor"], rows)
+
+
+def momentum_table(r: dict) -> str:
+    rows = []
+    for l in r["lifetimes"]:
+        s = l.get("state") or {}
+        rows.append([l["arm"], l["program"], f(s.get("half_life"), 1) + " " + ci(s.get("interval"), 1)
+                     + (" (extrapolated)" if s.get("extrapolated") else ""),
+                     l["model"], f"{f(l['plateau'])} {ci(l['plateau_interval'])}", f(l["plateau_ratio"], 2),
+                     f(l["half_life"], 1) + " " + ci(l["interval"], 1) + (" (extrapolated)" if l["extrapolated"] else "")])
+    return table(["arm", "program", "state-space half-life, steps (95% CI)", "function-space model",
+                  "plateau (95% CI)", "plateau / floor", "transient half-life (95% CI)"], rows)
+
+
+def momentum_curve(r: dict) -> str:
+    rows = []
+    lifetimes = {l["arm"]: l for l in r["lifetimes"]}
+    arms = sorted(lifetimes)
+    hs = sorted({h for l in lifetimes.values() for h in (l.get("state") or {}).get("horizons", [])})
+    for h in hs:
+        row = [str(h)]
+        for a in arms:
+            s = lifetimes[a].get("state") or {}
+            if h in s.get("horizons", []):
+                i = s["horizons"].index(h)
+                row.append(f"{s['excess_mean'][i]:.3g}")
+            else:
+                row.append("-")
+        rows.append(row)
+    return table(["delay h"] + [f"{a}: excess update difference" for a in arms], rows)
+
+
+def verdict_table(r: dict) -> str:
+    d, h = r["experiment"]["primary_distance"], r["experiment"]["primary_horizon"]
+    rows = []
+    for e in r["estimates"]:
+        if e["distance"] != d or e["horizon"] != h:
+            continue
+        rows.append([e["program"], e["arm"], f(e["mean"]), ci(e["interval"]), f(e["noise_floor"]),
+                     "" if e["excess_mean"] is None else f"{f(e['excess_mean'])} {ci(e['excess_interval'])}",
+                     f(e["q_value"], 3), e["verdict"] or ""])
+    return table(["program", "arm", f"{d} effect", "95% t", "floor", "excess over flip (95% t)", "q", "verdict"], rows)
+
+
+def butterfly_table(r: dict) -> str:
+    d = r["experiment"]["primary_distance"]
+    rows = []
+    for e in sorted((e for e in r["estimates"] if e["reference"] and e["distance"] == d),
+                    key=lambda e: (e["horizon"], e["fork_step"])):
+        rows.append([str(e["horizon"]), str(e["fork_step"]), f"{f(e['mean'])} {ci(e['interval'])}",
+                     f(e["noise_floor"]), f(e["ratio"], 2)])
+    return table(["delay h", "fork step", f"one-bit flip effect ({d}, 95% t)", "seed floor", "flip / floor"], rows)
+
+
+def main(argv: list[str]) -> int:
+    folder = Path(argv[1] if len(argv) > 1 else "validation")
+    found = {name: load(folder, name) for name in ("chaos", "momentum", "butterfly")}
+    found = {k: v for k, v in found.items() if v is not None}
+    print("### Placebo\n")
+    print(placebo_table(found))
+    if "chaos" in found:
+        print("### Seed floor and the one-bit flip over horizons\n")
+        print(chaos_table(found["chaos"]))
+    if "momentum" in found:
+        print("### Momentum memory, beta 0.9 vs 0.99\n")
+        print(momentum_table(found["momentum"]))
+        print(momentum_curve(found["momentum"]))
+        print(verdict_table(found["momentum"]))
+    if "butterfly" in found:
+        print("### The butterfly effect: early vs late forks\n")
+        print(butterfly_table(found["butterfly"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
