@@ -41,7 +41,7 @@ __all__ = [
     "total_variation", "jensen_shannon", "hellinger", "disagreement", "accuracy", "loss",
     "parameter_distance", "linear_cka", "DISTANCES",
     "paired_effect", "interval_coverage", "DEFAULT_INTERVAL", "noise_floor", "noise_ratio", "benjamini_hochberg", "tost",
-    "excess_effect", "fit_decay", "fit_excess_curve", "CURVE_MODELS",
+    "excess_effect", "fit_decay", "fit_excess_curve", "CURVE_MODELS", "verdict", "VERDICTS",
 ]
 
 
@@ -1072,4 +1072,104 @@ def fit_excess_curve(horizons, excess_per_seed, *, n_resamples: int = 500, confi
     elif e.shape[0] < 2:
         notes.append("fewer than two seeds: no interval")
     out["note"] = "; ".join(notes)
+    return out
+
+
+# ---------------------------------------------------------------------------- verdicts ----
+
+MEMORY = "memory beyond chaos"
+NO_MEMORY = "no memory beyond chaos"
+INCONCLUSIVE = "inconclusive"
+#: The three verdicts, in the order the rule tries them.
+VERDICTS = (MEMORY, NO_MEMORY, INCONCLUSIVE)
+
+
+def verdict(excess_per_seed, *, floor: float, margin: float = 0.1, alpha: float = 0.05, q_value: float | None = None) -> dict:
+    """One verdict for one arm at one horizon, from its per-seed excess over the reference arm.
+
+    ``excess_per_seed``: the n per-seed values (arm - reference) at this horizon; ``floor``: the
+    seed noise floor tau_seed at this horizon (positive); ``margin``: the equivalence margin as a
+    fraction of the floor, so the margin is m = margin * floor (``margin_abs``); ``q_value``: the
+    Benjamini-Hochberg adjusted value of this arm's p-value across the arms (benjamini_hochberg),
+    when there are several. The rule, with the paired t machinery of paired_effect and tost:
+
+    1. "memory beyond chaos" when q (or, without q_value, the two-sided paired t p-value) <= alpha,
+       the mean excess is > 0 and the (1 - alpha) default interval (``interval``, the t interval)
+       lies above 0. For the t interval the last condition follows from the first two (p <= alpha
+       is 0 outside the interval, and q >= p); it is checked so that a q-value from elsewhere can
+       never contradict the interval.
+    2. Otherwise "no memory beyond chaos" when the excess is shown to be below +m: the upper
+       one-sided test of TOST, p_upper = P(T_{n-1} <= (mean - m) / se) < alpha, which is the upper
+       end of the (1 - 2 alpha) t interval (``interval_90``) lying below m. Only the upper side:
+       an arm that moves the model less than the bit flip (a negative excess) has no memory beyond
+       chaos either. Both TOST p-values are reported (``tost``: tost(values, m, alpha)).
+    3. Otherwise "inconclusive": neither shown, more seeds (or a larger margin) are needed.
+
+    A significant excess smaller than m is "memory beyond chaos" (rule 1 comes first) and the
+    reason says it is below the margin. Zero variance (every seed's excess exactly c; the t test
+    is undefined and q_value is not used): the exact limit of the equivalence side decides --
+    c < m (every seed exactly 0 among them) "no memory beyond chaos", c >= m "memory beyond
+    chaos". Fewer than two seeds, a non-finite value, or a floor that is not a positive finite
+    number: "inconclusive" with the reason. ``margin`` must be positive and finite and ``alpha``
+    in (0, 0.5) (ValueError otherwise).
+
+    Returns ``verdict`` (one of VERDICTS), ``reason`` (one sentence with the numbers),
+    ``margin_abs`` (m), ``margin_rel`` (``margin``), ``mean``, ``interval`` (the default
+    (1 - alpha) interval, 95% at the default alpha), ``interval_90`` (the (1 - 2 alpha) t interval,
+    90% at the default alpha), ``p_value`` (two-sided paired t), ``q_value`` (as given, NaN if
+    not), ``tost`` (the tost() dict at m; None when no test ran), ``n``, ``alpha``, ``floor``.
+    """
+    from scipy import stats
+
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
+        raise ValueError("the margin (a fraction of the floor) must be a positive finite number")
+    if not 0 < alpha < 0.5:
+        raise ValueError("alpha must lie in (0, 0.5)")
+    v = _values(excess_per_seed)
+    n = int(v.size)
+    out = {"verdict": INCONCLUSIVE, "reason": "", "margin_abs": NAN, "margin_rel": float(margin), "mean": NAN,
+           "interval": (NAN, NAN), "interval_90": (NAN, NAN), "p_value": NAN,
+           "q_value": NAN if q_value is None else float(q_value), "tost": None, "n": n, "alpha": float(alpha),
+           "floor": float(floor) if isinstance(floor, (int, float)) else NAN}
+    if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0):
+        out["reason"] = f"the noise floor must be a positive finite number (got {floor!r}): no verdict"
+        return out
+    m = margin * float(floor)
+    out["margin_abs"] = m
+    if n < 2 or not np.all(np.isfinite(v)):
+        out["reason"] = ("fewer than two seeds" if n < 2 else "non-finite per-seed excess") + ": no verdict"
+        if n and np.all(np.isfinite(v)):
+            out["mean"] = float(v.mean()) + 0.0
+        return out
+    effect = paired_effect(v, confidence=1 - alpha)
+    mean = effect["mean"]
+    out.update(mean=mean, interval=effect["interval"], p_value=effect["p_value"], tost=tost(v, m, alpha))
+    if effect["se"] == 0:
+        out["interval_90"] = (mean, mean)
+        if mean >= m:
+            out.update(verdict=MEMORY, reason=f"every seed's excess is exactly {mean:.4g} >= the margin {m:.4g} "
+                                              f"({margin:g} x floor {floor:.4g}): no seed-to-seed variation, exact")
+        else:
+            out.update(verdict=NO_MEMORY, reason=f"every seed's excess is exactly {mean:.4g} < the margin {m:.4g} "
+                                                 f"({margin:g} x floor {floor:.4g}): no seed-to-seed variation, exact")
+        return out
+    half90 = float(stats.t.ppf(1 - alpha, n - 1)) * effect["se"]
+    lo90, hi90 = mean - half90, mean + half90
+    out["interval_90"] = (lo90, hi90)
+    name, test = ("q", float(q_value)) if q_value is not None else ("p", effect["p_value"])
+    lo, hi = effect["interval"]
+    level = f"{100 * (1 - alpha):g}%"
+    if math.isfinite(test) and test <= alpha and mean > 0 and lo > 0:
+        small = (f"; smaller than the margin {m:.4g} ({100 * (1 - 2 * alpha):g}% interval below it)"
+                 if hi90 < m else "")
+        out.update(verdict=MEMORY, reason=f"mean excess {mean:.4g} > 0 with {name} = {test:.3g} <= {alpha:g}, "
+                                          f"{level} interval [{lo:.4g}, {hi:.4g}] above 0{small}")
+    elif out["tost"]["p_upper"] < alpha and hi90 < m:
+        out.update(verdict=NO_MEMORY, reason=f"mean excess {mean:.4g} shown below the margin {m:.4g} ({margin:g} x "
+                                             f"floor {floor:.4g}): upper TOST p = {out['tost']['p_upper']:.3g} < "
+                                             f"{alpha:g}, {100 * (1 - 2 * alpha):g}% interval ends at {hi90:.4g}")
+    else:
+        out["reason"] = (f"neither: mean excess {mean:.4g}, {name} = {test:.3g} (memory needs <= {alpha:g} and a "
+                         f"positive mean), {100 * (1 - 2 * alpha):g}% interval ends at {hi90:.4g} >= the margin "
+                         f"{m:.4g} ({margin:g} x floor {floor:.4g})")
     return out
