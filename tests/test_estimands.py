@@ -463,3 +463,17 @@ def test_decay_fit_flags_extrapolated_and_open_intervals_as_keys():
     assert flat["extrapolated"] is False and flat["interval_open"] is True  # (inf, inf)
     none = est.fit_decay(H, np.zeros((4, H.size)), n_resamples=20)
     assert none["extrapolated"] is False and none["interval_open"] is False
+
+
+@pytest.mark.parametrize("beta, delays", [(0.9, [0, 1, 2, 4, 8, 16, 32]), (0.99, [0, 10, 25, 50, 100, 200])])
+def test_fit_decay_reads_the_momentum_reset_lifetime(beta, delays):
+    """State-space lifetime: zeroing the momentum buffer of SGD (momentum beta) leaves an update
+    difference that shrinks like beta^h: half-life ln 2 / ln(1 / beta) = 6.579 steps
+    at 0.9 and 68.968 at 0.99; fit_decay reads it back (up to its grid, 2e-4 relative)."""
+    h = np.array(delays, dtype=float)
+    truth = math.log(2) / math.log(1 / beta)
+    assert truth == pytest.approx({0.9: 6.579, 0.99: 68.968}[beta], abs=1e-3)
+    per_seed = 0.02 * np.array([[1.0], [1.1], [0.9]]) * beta ** h  # three seeds, different sizes
+    fit = est.fit_decay(h, per_seed, n_resamples=50)
+    assert fit["fit_ok"] and fit["half_life"] == pytest.approx(truth, rel=2e-4) and not fit["extrapolated"]
+    assert fit["amplitude"] == pytest.approx(0.02, rel=1e-3)

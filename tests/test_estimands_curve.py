@@ -70,8 +70,9 @@ def test_flat_curve_is_flat_at_its_level():
 
 
 def test_bn_reset_rise_then_fall_is_not_a_decay_from_the_first_delay():
-    # fit_decay, the pure decay from h = 0, reads a 55.9-step half-life into this curve
-    assert est.fit_decay(BN_RESET_H, np.tile(BN_RESET, (5, 1)))["half_life"] == pytest.approx(55.9, abs=1)
+    # fit_decay, the pure decay from h = 0, reads a 56.6-step half-life into this two-decimal curve
+    # (the issue quotes 55.9)
+    assert est.fit_decay(BN_RESET_H, np.tile(BN_RESET, (5, 1)))["half_life"] == pytest.approx(56.57, abs=0.01)
     for seeds in (np.tile(BN_RESET, (5, 1)), _seeds(BN_RESET, 0.02, seed=5)):
         fit = est.fit_excess_curve(BN_RESET_H, seeds)
         assert fit["model"] == "rise and fall to 0" and fit["fit_ok"]
