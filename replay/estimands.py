@@ -1057,8 +1057,8 @@ def fit_excess_curve(horizons, excess_per_seed, *, n_resamples: int = 500, confi
             out["boot_no_transient"] = int((~has).sum())
             open_ = boot["T"] > limit
             last = _curve_values(chosen, np.array([uniq[-1] - h0]), boot)[:, 0] - boot["c"]
-            plateaus = np.where(open_ & has, -np.sign(last) * np.inf, boot["c"])
-            plateaus = np.where(open_ & has & (last == 0), boot["c"], plateaus)
+            away = np.where(last > 0, -np.inf, np.where(last < 0, np.inf, boot["c"]))
+            plateaus = np.where(open_ & has, away, boot["c"])
             if chosen != "rise and fall to 0":
                 out["plateau_interval"] = ends(plateaus)
             if has.any():
@@ -1121,8 +1121,15 @@ def verdict(excess_per_seed, *, floor: float, margin: float = 0.1, alpha: float 
     """
     from scipy import stats
 
-    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
+    def as_float(x) -> float:
+        try:
+            return float(x)
+        except (TypeError, ValueError):
+            return NAN
+
+    if not (math.isfinite(as_float(margin)) and as_float(margin) > 0):
         raise ValueError("the margin (a fraction of the floor) must be a positive finite number")
+    margin, floor_value = as_float(margin), as_float(floor)
     if not 0 < alpha < 0.5:
         raise ValueError("alpha must lie in (0, 0.5)")
     v = _values(excess_per_seed)
@@ -1130,11 +1137,12 @@ def verdict(excess_per_seed, *, floor: float, margin: float = 0.1, alpha: float 
     out = {"verdict": INCONCLUSIVE, "reason": "", "margin_abs": NAN, "margin_rel": float(margin), "mean": NAN,
            "interval": (NAN, NAN), "interval_90": (NAN, NAN), "p_value": NAN,
            "q_value": NAN if q_value is None else float(q_value), "tost": None, "n": n, "alpha": float(alpha),
-           "floor": float(floor) if isinstance(floor, (int, float)) else NAN}
-    if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0):
+           "floor": floor_value}
+    if not (math.isfinite(floor_value) and floor_value > 0):
         out["reason"] = f"the noise floor must be a positive finite number (got {floor!r}): no verdict"
         return out
-    m = margin * float(floor)
+    floor = floor_value
+    m = margin * floor
     out["margin_abs"] = m
     if n < 2 or not np.all(np.isfinite(v)):
         out["reason"] = ("fewer than two seeds" if n < 2 else "non-finite per-seed excess") + ": no verdict"

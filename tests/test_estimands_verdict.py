@@ -116,7 +116,8 @@ def test_zero_variance_is_decided_exactly():
 
 
 def test_edge_cases_are_inconclusive_with_a_reason():
-    for floor in (0.0, -0.1, float("nan"), float("inf"), None):
+    assert est.verdict([0.05, 0.06, 0.055, 0.07, 0.065], floor=np.float32(0.1))["verdict"] == MEMORY
+    for floor in (0.0, -0.1, float("nan"), float("inf"), None, "0.1x"):
         r = est.verdict([0.1, 0.2, 0.3], floor=floor)
         assert r["verdict"] == INCONCLUSIVE and "floor" in r["reason"] and r["tost"] is None
     one = est.verdict([0.3], floor=0.1)
