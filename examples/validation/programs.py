@@ -1,8 +1,10 @@
 """Programs of the validation experiments (docs/validation.md): an MLP on scikit-learn's digits.
 
 `momentum_090` / `momentum_099`: plain SGD with momentum 0.9 and 0.99 at the same effective
-               step size lr / (1 - beta) = 0.5, no BatchNorm, no dropout, no EMA, so that the
+               step size lr / (1 - beta) = 0.1, no BatchNorm, no dropout, no EMA, so that the
                only memory a momentum reset removes is the momentum buffer;
+`momentum_090_large` / `momentum_099_large`: the same at lr / (1 - beta) = 0.5, where the
+               gradient feedback of the displaced weights is no longer small;
 `probe`        the 297 held-out digits.
 """
 
@@ -32,8 +34,16 @@ def _sgd(momentum: float, lr: float, steps: int) -> replay.Program:
 
 
 def momentum_090() -> replay.Program:
-    return _sgd(0.9, 0.05, 400)
+    return _sgd(0.9, 0.01, 400)
 
 
 def momentum_099() -> replay.Program:
+    return _sgd(0.99, 0.001, 400)
+
+
+def momentum_090_large() -> replay.Program:
+    return _sgd(0.9, 0.05, 400)
+
+
+def momentum_099_large() -> replay.Program:
     return _sgd(0.99, 0.005, 400)

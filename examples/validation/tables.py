@@ -116,18 +116,19 @@ def butterfly_table(r: dict) -> str:
 
 def main(argv: list[str]) -> int:
     folder = Path(argv[1] if len(argv) > 1 else "validation")
-    found = {name: load(folder, name) for name in ("chaos", "momentum", "butterfly")}
+    found = {name: load(folder, name) for name in ("chaos", "momentum", "momentum_large", "butterfly")}
     found = {k: v for k, v in found.items() if v is not None}
     print("### Placebo\n")
     print(placebo_table(found))
     if "chaos" in found:
         print("### Seed floor and the one-bit flip over horizons\n")
         print(chaos_table(found["chaos"]))
-    if "momentum" in found:
-        print("### Momentum memory, beta 0.9 vs 0.99\n")
-        print(momentum_table(found["momentum"]))
-        print(momentum_curve(found["momentum"]))
-        print(verdict_table(found["momentum"]))
+    for name in ("momentum", "momentum_large"):
+        if name in found:
+            print(f"### {found[name]['experiment']['name']}\n")
+            print(momentum_table(found[name]))
+            print(momentum_curve(found[name]))
+            print(verdict_table(found[name]))
     if "butterfly" in found:
         print("### The butterfly effect: early vs late forks\n")
         print(butterfly_table(found["butterfly"]))
