@@ -877,6 +877,36 @@ def _curve_params(model: str, fit: dict, h0: float) -> dict:
     return {"c": c, "A": a, "B": b, "T": t, "peak": peak}
 
 
+_RISE_AND_FALL = ("rise and fall to 0", "rise and fall")
+
+
+def _fall_half_time(a, b, t) -> np.ndarray:
+    """For transients (A + B x) 2^(-x/T) (arrays), the delay from their peak until they have
+    fallen to half the peak's value: the half-life of a rise and fall, defined by the curve
+    itself rather than by T (with a large T the fitted transient is nearly a parabola, whose
+    fall T does not describe). NaN where there is no positive peak (B <= 0)."""
+    a, b, t = (np.asarray(v, dtype=float) for v in (a, b, t))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        xp = np.where(b > 0, np.maximum(t / LN2 - a / b, 0.0), 0.0)
+
+        def tau(x):
+            return (a + b * x) * np.exp2(-x / t)
+
+        target = 0.5 * tau(xp)
+        valid = (b > 0) & np.isfinite(target) & (target > 0)
+        lo, hi = xp.copy(), xp + np.where(np.isfinite(t), t, 1.0)
+        for _ in range(200):  # widen until the curve is below half its peak
+            need = valid & (tau(hi) > target)
+            if not need.any():
+                break
+            hi = np.where(need, xp + 2.0 * (hi - xp), hi)
+        for _ in range(200):  # then bisect: the curve falls monotonically after its peak
+            mid = 0.5 * (lo + hi)
+            above = tau(mid) > target
+            lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+    return np.where(valid, 0.5 * (lo + hi) - xp, NAN)
+
+
 def fit_excess_curve(horizons, excess_per_seed, *, n_resamples: int = 500, confidence: float = 0.95,
                      random_state: int = 0, max_span_ratio: float = 10.0) -> dict:
     """A persistent part and a transient part of an excess curve: fit the per-seed-mean excess
@@ -989,7 +1019,10 @@ def fit_excess_curve(horizons, excess_per_seed, *, n_resamples: int = 500, confi
         return n_pts * math.log(max(sse, n_pts * floor_var) / n_pts) + k * math.log(n_pts)
 
     chosen, best_bic = None, math.inf
-    for m in eligible:
+    degenerate = False
+    for i, m in enumerate(eligible + ["rise and fall to 0"]):
+        if i == len(eligible) and (m in fits or not degenerate):
+            continue  # the plateau-free stand-in: only where the four-parameter model is out
         fit = _fit_model(m, x, mean[None, :], lo, hi)
         sse = float(fit["sse"][0])
         fits[m] = fit
@@ -999,6 +1032,13 @@ def fit_excess_curve(horizons, excess_per_seed, *, n_resamples: int = 500, confi
         selectable = m == "flat" or bool(fit["interior"][0])
         if "peak" in params:
             selectable = selectable and h0 < params["peak"] < float(uniq[-1])
+        if m == "rise and fall" and selectable and float(fit["T"][0]) > limit:
+            # T beyond the limit: the transient is nearly a parabola whose size cancels against
+            # the plateau (c -> -inf, A -> +inf), so c is no plateau and T no rate. Not chosen;
+            # the plateau-free rise and fall is tried in its place.
+            selectable, degenerate = False, True
+            notes.append("the four-parameter rise and fall degenerates here (T at the search bound, c and A "
+                         "cancelling): not chosen, the rise and fall to 0 tried in its place")
         out["candidates"][m] = {"k": _CURVE_K[m], "sse": sse, "bic": bic(sse, _CURVE_K[m]), "selectable": selectable,
                                 "params": params}
         if selectable and (chosen is None or out["candidates"][m]["bic"] < best_bic):
@@ -1012,6 +1052,24 @@ def fit_excess_curve(horizons, excess_per_seed, *, n_resamples: int = 500, confi
     transient = chosen != "flat" and (fit["A"][0] != 0 or fit["B"][0] != 0)
     if chosen == "flat":
         out.update(plateau=float(fit["c"][0]) + 0.0, fit_ok=True)
+    elif chosen in _RISE_AND_FALL and transient:
+        peak_x = out["candidates"][chosen]["params"]["peak"] - h0
+        fall = float(_fall_half_time(fit["A"], fit["B"], fit["T"])[0])
+        if not math.isfinite(fall) or fall > limit:
+            out.update(half_life=math.inf,
+                       reason=f"the {chosen} transient does not fall to half its peak within {max_span_ratio:g} x the "
+                              f"span of the delays ({span:g}): half-life inf, plateau not determined")
+        else:
+            out.update(half_life=fall, fit_ok=True, extrapolated=bool(peak_x + fall > span))
+            if t_fit <= limit:
+                out["plateau"] = float(fit["c"][0]) + 0.0
+            else:
+                notes.append(f"the tail's rate T = {t_fit:.3g} is beyond {max_span_ratio:g} x the span: the "
+                             "transient is nearly a parabola over these delays, its plateau is not determined")
+            notes.append("half-life of a rise and fall: the delay from its peak until the transient has halved")
+            if peak_x + fall > span:
+                notes.append(f"the transient reaches half its peak beyond the last delay ({float(uniq[-1]):g}): "
+                             "extrapolated")
     elif t_fit > limit:
         out.update(half_life=math.inf,
                    reason=f"the {chosen} transient does not level off over the delays measured (its half-life is "
@@ -1061,8 +1119,15 @@ def fit_excess_curve(horizons, excess_per_seed, *, n_resamples: int = 500, confi
             plateaus = np.where(open_ & has, away, boot["c"])
             if chosen != "rise and fall to 0":
                 out["plateau_interval"] = ends(plateaus)
+            if chosen in _RISE_AND_FALL:
+                halves = _fall_half_time(boot["A"], boot["B"], boot["T"])
+                has = has & np.isfinite(halves)
+                out["boot_no_transient"] = int((~has).sum())
+                halves = np.where(halves > limit, np.inf, halves)
+            else:
+                halves = np.where(open_, np.inf, boot["T"])
             if has.any():
-                out["interval"] = ends(np.where(open_, np.inf, boot["T"])[has])
+                out["interval"] = ends(halves[has])
                 out["interval_open"] = math.isinf(out["interval"][1])
             if out["boot_no_transient"]:
                 notes.append(f"{out['boot_no_transient']} of {n_resamples} resamples had no transient (A = B = 0): "

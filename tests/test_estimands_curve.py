@@ -78,7 +78,10 @@ def test_bn_reset_rise_then_fall_is_not_a_decay_from_the_first_delay():
         assert fit["model"] == "rise and fall to 0" and fit["fit_ok"]
         peak = fit["candidates"][fit["model"]]["params"]["peak"]
         assert 0 < peak < 20 and "rises from h = 0 to a peak" in fit["note"]
-        assert 7 < fit["half_life"] < 11 and fit["r2"] > 0.97
+        # the half-life of a rise and fall: from its peak until the transient has halved
+        p = fit["candidates"][fit["model"]]["params"]
+        assert fit["half_life"] == pytest.approx(float(est._fall_half_time(p["A"], p["B"], p["T"])), rel=1e-9)
+        assert 15 < fit["half_life"] < 30 and fit["r2"] > 0.97 and "from its peak" in fit["note"]
         # four delays: the four-parameter model is not eligible, and said so
         assert "rise and fall" not in fit["candidates"] and "rise and fall (4)" in fit["note"]
         assert fit["plateau"] == 0.0 and math.isnan(fit["plateau_interval"][0]) and "fixed at 0" in fit["note"]
@@ -90,8 +93,21 @@ def test_rise_and_fall_to_a_plateau_with_more_delays():
     fit = est.fit_excess_curve(h, _seeds(truth, 0.01, seed=6))
     assert fit["model"] == "rise and fall" and fit["fit_ok"]
     assert fit["plateau_interval"][0] <= 0.05 <= fit["plateau_interval"][1]
-    assert fit["interval"][0] <= 10 <= fit["interval"][1]
+    true_half = float(est._fall_half_time(0.1, 0.03, 10.0))  # the truth's fall from its peak to half
+    assert 15 < true_half < 25 and fit["interval"][0] <= true_half <= fit["interval"][1]
     assert 5 < fit["candidates"]["rise and fall"]["params"]["peak"] < 20
+
+
+def test_a_rise_and_fall_that_is_nearly_a_parabola_is_not_chosen():
+    """Rising for most of the span and falling only at the end: the four-parameter fit runs to
+    T at the search bound with c and A cancelling (a parabola), so it is not selectable; the
+    plateau-free rise and fall describes it, with a half-life marked extrapolated."""
+    h = np.array([0, 2, 4, 8, 16, 32, 64, 128, 256], dtype=float)
+    mean = np.array([0.0017, 0.005, 0.0083, 0.015, 0.0281, 0.0546, 0.1098, 0.1883, 0.0589])
+    fit = est.fit_excess_curve(h, _seeds(mean, 0.003, seed=7))
+    assert not fit["candidates"]["rise and fall"]["selectable"]
+    assert fit["model"] == "rise and fall to 0" and fit["fit_ok"] and math.isfinite(fit["half_life"])
+    assert 60 < fit["candidates"][fit["model"]]["params"]["peak"] < 200
 
 
 def test_rise_and_fall_is_not_chosen_without_a_rise():
