@@ -22,15 +22,16 @@ def load(folder: Path, name: str) -> dict | None:
     return json.loads(path.read_text(), parse_constant=float)
 
 
-def f(x, digits: int = 4) -> str:
+def f(x, digits: int = 3) -> str:
+    """`digits` significant digits (small effects stay readable), '-' for NaN, ∞ for inf."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     if isinstance(x, float) and math.isinf(x):
         return "∞"
-    return f"{x:.{digits}f}"
+    return f"{x:.{digits}g}"
 
 
-def ci(pair, digits: int = 4) -> str:
+def ci(pair, digits: int = 3) -> str:
     return f"({f(pair[0], digits)}, {f(pair[1], digits)})" if pair else "-"
 
 
@@ -66,10 +67,10 @@ def momentum_table(r: dict) -> str:
     rows = []
     for l in r["lifetimes"]:
         s = l.get("state") or {}
-        rows.append([l["arm"], l["program"], f(s.get("half_life"), 1) + " " + ci(s.get("interval"), 1)
+        rows.append([l["arm"], l["program"], f(s.get("half_life"), 3) + " " + ci(s.get("interval"), 3)
                      + (" (extrapolated)" if s.get("extrapolated") else ""),
                      l["model"], f"{f(l['plateau'])} {ci(l['plateau_interval'])}", f(l["plateau_ratio"], 2),
-                     f(l["half_life"], 1) + " " + ci(l["interval"], 1) + (" (extrapolated)" if l["extrapolated"] else "")])
+                     f(l["half_life"], 3) + " " + ci(l["interval"], 3) + (" (extrapolated)" if l["extrapolated"] else "")])
     return table(["arm", "program", "state-space half-life, steps (95% CI)", "function-space model",
                   "plateau (95% CI)", "plateau / floor", "transient half-life (95% CI)"], rows)
 
