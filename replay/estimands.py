@@ -622,6 +622,21 @@ def _profile_fit(h: np.ndarray, curves: np.ndarray, lo: float, hi: float) -> tup
     return tuple(np.concatenate([r[i] for r in results]) for i in range(3))
 
 
+def _delays(h: np.ndarray, e: np.ndarray, max_span_ratio: float, what: str):
+    """The delay grid both lifetime fits share: (distinct delays, span, smallest gap, limit
+    beyond which a half-life counts as none, search range lo..hi, first delay h0), or a reason
+    string when the inputs cannot be fitted."""
+    if not (np.all(np.isfinite(h)) and np.all(np.isfinite(e))):
+        return "non-finite delays or excess values" + ("" if what == "a decay" else ": no fit")
+    uniq = np.unique(h)
+    if uniq.size < 2 or e.shape[0] == 0:
+        return f"{what} needs at least two distinct delays and one seed" + ("" if what == "a decay" else ": no fit")
+    span = float(uniq[-1] - uniq[0])
+    gap = float(np.min(np.diff(uniq)))
+    limit = max_span_ratio * span
+    return uniq, span, gap, limit, gap / 10.0, 10.0 * limit, float(uniq[0])
+
+
 def fit_decay(horizons, excess_per_seed, *, n_resamples: int = 500, confidence: float = 0.95,
               random_state: int = 0, max_span_ratio: float = 10.0) -> dict:
     """Lifetime of an effect: fit e(h) = A * exp(-ln 2 * h / half_life) = A * 2^(-h / half_life),
@@ -674,18 +689,11 @@ def fit_decay(horizons, excess_per_seed, *, n_resamples: int = 500, confidence: 
            "reason": "", "note": "", "r2": NAN, "mean_excess": [], "n_seeds": int(e.shape[0]),
            "confidence": float(confidence), "n_resamples": int(n_resamples), "boot_no_excess": 0,
            "extrapolated": False, "interval_open": False}
-    if not (np.all(np.isfinite(h)) and np.all(np.isfinite(e))):
-        out["reason"] = "non-finite delays or excess values"
+    grid = _delays(h, e, max_span_ratio, "a decay")
+    if isinstance(grid, str):
+        out["reason"] = grid
         return out
-    uniq = np.unique(h)
-    if uniq.size < 2 or e.shape[0] == 0:
-        out["reason"] = "a decay needs at least two distinct delays and one seed"
-        return out
-    span = float(uniq[-1] - uniq[0])
-    gap = float(np.min(np.diff(uniq)))
-    limit = max_span_ratio * span
-    lo, hi = gap / 10.0, 10.0 * limit  # search range; beyond `limit` counts as no decay
-    h0 = float(uniq[0])
+    uniq, span, gap, limit, lo, hi, h0 = grid  # search lo..hi; beyond `limit` counts as no decay
 
     mean = np.maximum(e.mean(axis=0), 0.0)
     out["mean_excess"] = [float(x) for x in mean]
@@ -974,18 +982,11 @@ def fit_excess_curve(horizons, excess_per_seed, *, n_resamples: int = 500, confi
            "note": "", "r2": NAN, "fitted": [], "mean_excess": [], "candidates": {}, "criterion": "BIC",
            "noise_var": NAN, "n_seeds": int(e.shape[0]), "confidence": float(confidence),
            "n_resamples": int(n_resamples), "boot_no_transient": 0}
-    if not (np.all(np.isfinite(h)) and np.all(np.isfinite(e))):
-        out["reason"] = "non-finite delays or excess values: no fit"
+    grid = _delays(h, e, max_span_ratio, "a curve")
+    if isinstance(grid, str):
+        out["reason"] = grid
         return out
-    uniq = np.unique(h)
-    if uniq.size < 2 or e.shape[0] == 0:
-        out["reason"] = "a curve needs at least two distinct delays and one seed: no fit"
-        return out
-    span = float(uniq[-1] - uniq[0])
-    gap = float(np.min(np.diff(uniq)))
-    limit = max_span_ratio * span
-    lo, hi = gap / 10.0, 10.0 * limit
-    h0 = float(uniq[0])
+    uniq, span, gap, limit, lo, hi, h0 = grid
     x = h - h0
     mean = e.mean(axis=0)
     out["mean_excess"] = [float(v) + 0.0 for v in mean]
