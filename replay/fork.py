@@ -12,52 +12,34 @@ perturbation differs; a placebo child reproduces the parent's ledger bit for bit
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from . import environment as env_module
-from .engine import Engine
-from .perturb import Perturbation, PerturbationRefused, from_spec
-from .rng import RngContract
-from .schedule import checkpoint_counts
-from .program import load_program
-from .session import (
+from .driver import (
     Divergence,
-    _check_restored_state,
-    _program_for_run,
-    _progress,
-    _record_steps,
+    child_manifest,
     compare_record,
     engine_for_run,
+    load_run_program,
     program_as_recorded,
+    progress_bar,
+    record_steps,
+    restore,
 )
+from .engine import Engine
+from .lineage import lineage_digest  # noqa: F401  (re-exported: it lived here)
+from .perturb import Perturbation, PerturbationRefused, from_spec
+from .program import load_program
 from .store import RunDir, RunError
 
 
 class ForkError(RunError):
     """A fork that cannot be made faithfully (the parent does not replay, bad step range)."""
-
-
-def lineage_digest(run: RunDir, fork_step: int) -> str:
-    """SHA-256 over what a child of `run` at `fork_step` depends on: the parent's program, seed,
-    contract and order, and its ledger digests and checkpoint hashes up to the fork step."""
-    m = run.manifest
-    h = hashlib.sha256()
-    h.update(json.dumps({k: m.get(k) for k in ("program", "seed", "rng", "order", "lineage")}, sort_keys=True).encode())
-    for row in run.ledger.rows(m.get("first_step", 0), fork_step - 1) if fork_step > m.get("first_step", 0) else []:
-        h.update(f"{row.step}:{row.digest:016x}:{row.batch_hash}\n".encode())
-    for step, files in sorted(run.ledger.checkpoints().items()):
-        if step <= fork_step:
-            h.update(f"{step}:{json.dumps(files, sort_keys=True)}\n".encode())
-    return h.hexdigest()
 
 
 @dataclass
@@ -82,18 +64,17 @@ class ForkSession:
         writable = allow_source_change or allow_environment_change
         with RunDir.open(self.parent, writable=writable) as run:
             self.manifest = run.manifest
-            self.program = _program_for_run(run, allow_source_change, allow_environment_change, "fork")
+            self.program, self._sha256 = load_run_program(run, allow_source_change, allow_environment_change, "fork")
             first = self.manifest.get("first_step", 0)
             last = run.ledger.last_step()
             if last is None or not first <= at <= last + 1:
                 raise ForkError(f"cannot fork {self.parent} at step {at}: it recorded steps {first}..{last}")
-            restore = run.latest_checkpoint_at_or_before(at)
-            if restore is None:
+            restored = run.latest_checkpoint_at_or_before(at)
+            if restored is None:
                 raise ForkError(f"{self.parent}: no checkpoint at or before step {at}")
             engine = engine_for_run(run, self.program)
-            engine.load_state_dict(run.load_checkpoint(restore))
-            _check_restored_state(run, engine, restore)
-            rows = {r.step: r for r in run.ledger.rows(restore, at - 1)} if at > restore else {}
+            restore(run, engine, restored)
+            rows = {r.step: r for r in run.ledger.rows(restored, at - 1)} if at > restored else {}
             while engine.completed < at:
                 record = engine.run_step()
                 divergence = compare_record(rows[record.step], record)
@@ -110,11 +91,10 @@ class ForkSession:
         # have: Python-level state the program keeps outside its checkpoints (a module-level
         # counter, say) then shows as a divergence instead of leaking from parent to child.
         # (A program referenced as an installed module is imported once per process.)
+        # The file is executed again only if it still hashes as it did when the session opened.
         parent = self.manifest
-        program = program_as_recorded(load_program(parent["program"]["reference"])[0], parent)
-        parent_perturbations = [from_spec(s) for s in parent.get("lineage", {}).get("perturbations", [])]
-        engine = Engine(program, RngContract.from_json(parent["rng"]), parent["order"],
-                        parent_perturbations + list(perturbations))
+        program = program_as_recorded(load_program(parent["program"]["reference"], self._sha256)[0], parent)
+        engine = engine_for_run(parent, program, perturbations)
         engine.load_state_dict(copy.deepcopy(self.state))
         return engine
 
@@ -145,28 +125,8 @@ class ForkSession:
         engine = self._child_engine(perturbations)
         for p in perturbations:
             p.check(engine)
-        schedule = self.manifest["checkpoints"]
-        counts = sorted({self.at, end} | {c for c in checkpoint_counts(end, schedule["every"], schedule["log_spaced"])
-                                          if self.at < c < end})
-        parent_lineage = self.manifest.get("lineage", {})
-        manifest = {
-            **{k: v for k, v in self.manifest.items() if k not in ("status", "store_version")},
-            "run_id": uuid.uuid4().hex,
-            "first_step": self.at,
-            "steps": end,
-            "checkpoints": {**schedule, "counts": counts},
-            "environment": env_module.environment(),
-            "rng_effective": engine.contract.to_json(),
-            "lineage": {
-                "parent_id": self.manifest.get("run_id"),
-                "parent_path": os.path.relpath(self.parent.resolve(), Path(out).resolve().parent),
-                "parent_digest": self.parent_digest,
-                "fork_step": self.at,
-                "window": [self.at, max(p.end for p in perturbations)],
-                "perturbations": parent_lineage.get("perturbations", []) + [p.to_json() for p in perturbations],
-                "depth": parent_lineage.get("depth", 0) + 1,
-            },
-        }
+        manifest = child_manifest(self.manifest, self.parent, Path(out), self.parent_digest, self.at, end,
+                                  engine, perturbations)
         try:
             self._write_child(out, manifest, engine, perturbations, end, observe)
         except PerturbationRefused:
@@ -179,7 +139,7 @@ class ForkSession:
         with RunDir.create(out, manifest) as run:
             run.ledger.add_event("intervention_window", {"start": self.at, "end": max(p.end for p in perturbations),
                                                          "perturbations": [p.to_json() for p in perturbations]})
-            _record_steps(run, engine, end, self.progress, observe)
+            record_steps(run, engine, end, self.progress, observe)
 
     def placebo_check(self, steps: int | None = None) -> PlaceboReport:
         """Run a placebo child in memory for `steps` steps (default: to the parent's end) and
@@ -187,7 +147,7 @@ class ForkSession:
         failed to capture in its checkpoints."""
         end = self.parent_last + 1 if steps is None else min(self.parent_last + 1, self.at + steps)
         engine = self._child_engine(self.perturbations("placebo"))
-        bar = _progress(end - self.at, f"placebo@{self.at}", self.progress)
+        bar = progress_bar(end - self.at, f"placebo@{self.at}", self.progress)
         try:
             while engine.completed < end:
                 record = engine.run_step()
@@ -200,6 +160,30 @@ class ForkSession:
             if bar is not None:
                 bar.close()
         return PlaceboReport(self.at, end, None)
+
+
+def restart_child(child: RunDir, program=None) -> Engine:
+    """The engine a fork starts from (its parent's state at the fork step, its perturbations
+    applied), rebuilt from the parent: for a child killed before its first checkpoint was
+    recorded. RunError if the parent is gone or changed since the fork."""
+    manifest = child.manifest
+    lineage = manifest["lineage"]
+    parent = (Path(child.path).resolve().parent / lineage["parent_path"]).resolve()
+    if not (parent / "manifest.json").is_file():
+        raise RunError(f"{child.path}: no checkpoint is recorded and the parent {parent} is gone; "
+                       "the fork cannot be restarted")
+    session = ForkSession(parent, lineage["fork_step"], progress=False)
+    if session.manifest.get("run_id") != lineage["parent_id"] or session.parent_digest != lineage["parent_digest"]:
+        raise RunError(f"{child.path}: no checkpoint is recorded and the parent {parent} changed since the fork; "
+                       "the fork cannot be restarted faithfully")
+    inherited = len(session.manifest.get("lineage", {}).get("perturbations", []))
+    perturbations = [from_spec(spec) for spec in lineage["perturbations"][inherited:]]
+    engine = session._child_engine(perturbations)
+    for p in perturbations:
+        p.check(engine)
+    if "rng_effective" in manifest and engine.contract.to_json() != manifest["rng_effective"]:
+        raise RunError(f"{child.path}: the restarted fork's random streams differ from the recorded ones")
+    return engine
 
 
 def fork(parent, out, *, at: int, perturb, window: int = 1, steps: int | None = None, until: int | None = None,

@@ -27,10 +27,25 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
+def lineage_digest(run: RunDir, fork_step: int) -> str:
+    """SHA-256 over what a child of `run` at `fork_step` depends on: the parent's program, seed,
+    contract and order, and its ledger digests and checkpoint hashes up to the fork step."""
+    import hashlib
+    import json
+
+    m = run.manifest
+    h = hashlib.sha256()
+    h.update(json.dumps({k: m.get(k) for k in ("program", "seed", "rng", "order", "lineage")}, sort_keys=True).encode())
+    for row in run.ledger.rows(m.get("first_step", 0), fork_step - 1) if fork_step > m.get("first_step", 0) else []:
+        h.update(f"{row.step}:{row.digest:016x}:{row.batch_hash}\n".encode())
+    for step, files in sorted(run.ledger.checkpoints().items()):
+        if step <= fork_step:
+            h.update(f"{step}:{json.dumps(files, sort_keys=True)}\n".encode())
+    return h.hexdigest()
+
+
 def parent_status(child: str | os.PathLike) -> str:
     """'root', 'ok', 'missing' (parent not found) or 'changed' (parent differs from the fork)."""
-    from .fork import lineage_digest
-
     child = Path(child)
     with RunDir.open(child) as run:
         lineage = run.manifest.get("lineage")
@@ -117,7 +132,7 @@ class RunDiff:
 
 
 def diff(a: str | os.PathLike, b: str | os.PathLike) -> RunDiff:
-    from .session import compare_fingerprints
+    from .driver import compare_fingerprints
 
     with RunDir.open(a) as ra, RunDir.open(b) as rb:
         rows_a = {r.step: r for r in ra.ledger.rows()}

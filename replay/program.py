@@ -12,6 +12,7 @@ file that defines it, and a replay refuses a changed file unless told otherwise.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import importlib
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+
+from .store.errors import RunError
 
 
 class Stateful(Protocol):
@@ -162,6 +165,29 @@ def default_collate(examples: list):
 
 
 # ------------------------------------------------------------------------ references ----
+#
+# A run directory is input, not code: the manifest names a program, and that program is only
+# executed once the file it names hashes to the SHA-256 the manifest records. Resolving a
+# reference to a file therefore executes nothing:
+#
+# * ``path/to/file.py:attr``: the path itself.
+# * ``pkg.mod:attr``: the top-level name is located with importlib.util.find_spec, which runs
+#   the installed import finders but no module code (find_spec of an undotted name imports
+#   nothing), and the rest of the dotted name is walked on disk through the package folders
+#   (``mod.py`` or ``mod/__init__.py`` in the parent's search locations). find_spec on a dotted
+#   name would import (execute) every parent package first, which is why it is not used.
+#
+# Then the file's bytes are hashed and compared, the attribute is looked up in the file's
+# syntax tree (it must be defined there at top level: a def, a class or an assignment), and
+# only then is the file executed. A path reference is executed from the very bytes that were
+# hashed. A module reference is imported normally, which also runs its parent packages'
+# __init__ files: those are part of the installed environment, not of the run, and are not
+# hashed (the residual risk: a hostile manifest can make replay import an installed package
+# and call a zero-argument function defined in a file whose hash it knows).
+
+
+class ProgramReferenceError(RunError, ValueError):
+    """A program reference that cannot be resolved to a Python source file defining it."""
 
 
 @dataclass(frozen=True)
@@ -173,41 +199,176 @@ class ProgramSource:
     sha256: str
 
 
+@dataclass(frozen=True)
+class ResolvedReference:
+    """A reference resolved to its file without executing anything: the module target, the
+    attribute, whether the target is a file path, the absolute path, and the file's bytes."""
+
+    reference: str
+    target: str
+    attribute: str
+    is_path: bool
+    path: str
+    source: bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.source).hexdigest()
+
+
 def _split_reference(reference: str) -> tuple[str, str]:
+    if not isinstance(reference, str):
+        raise ProgramReferenceError(f"a program reference must be a string, got {type(reference).__name__}")
     target, sep, attribute = reference.rpartition(":")
     if not sep or not target or not attribute:
-        raise ValueError(
+        raise ProgramReferenceError(
             f"program reference {reference!r} must look like 'package.module:attribute' or 'path/to/file.py:attribute'"
         )
+    if not attribute.isidentifier():
+        raise ProgramReferenceError(f"program reference {reference!r}: {attribute!r} is not a Python name")
     return target, attribute
 
 
-def _import_target(target: str):
-    """(module, path of its source, SHA-256 of the source it was made from)."""
-    if target.endswith(".py") or os.sep in target or "/" in target:
+def _is_path_target(target: str) -> bool:
+    return target.endswith(".py") or os.sep in target or "/" in target
+
+
+def _module_file(target: str) -> str:
+    """The source file of module `target` (dotted), found without importing anything."""
+    parts = target.split(".")
+    if not all(p.isidentifier() for p in parts):
+        raise ProgramReferenceError(f"{target!r} is not a module name")
+    module = sys.modules.get(target)
+    if module is not None and getattr(module, "__file__", None):
+        return os.path.abspath(module.__file__)
+    try:
+        spec = importlib.util.find_spec(parts[0])  # undotted: runs finders, imports nothing
+    except (ImportError, ValueError) as error:
+        raise ProgramReferenceError(f"cannot locate module {parts[0]!r}: {error}") from None
+    if spec is None:
+        raise ProgramReferenceError(f"no module named {parts[0]!r} (reference target {target!r})")
+    if len(parts) == 1:
+        origin = spec.origin
+        if not spec.has_location or not origin or not origin.endswith(".py"):
+            raise ProgramReferenceError(f"{target!r}: the module has no Python source file to hash")
+        return os.path.abspath(origin)
+    locations = list(spec.submodule_search_locations or [])
+    for i, name in enumerate(parts[1:], start=2):
+        last = i == len(parts)
+        found = None
+        for folder in locations:
+            package = os.path.join(folder, name)
+            if os.path.isfile(os.path.join(package, "__init__.py")) or os.path.isdir(package):
+                if not last:
+                    found = package
+                    break
+                if os.path.isfile(os.path.join(package, "__init__.py")):
+                    found = os.path.join(package, "__init__.py")
+                    break
+            if last and os.path.isfile(package + ".py"):
+                found = package + ".py"
+                break
+        if found is None:
+            raise ProgramReferenceError(f"no module named {'.'.join(parts[:i])!r} (reference target {target!r})")
+        locations = [found]
+    return os.path.abspath(found)
+
+
+def resolve_reference(reference: str) -> ResolvedReference:
+    """Resolve a reference to its source file and read the file, executing nothing."""
+    target, attribute = _split_reference(reference)
+    is_path = _is_path_target(target)
+    if is_path:
         path = os.path.abspath(target)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"program file {target!r} does not exist")
+    else:
+        path = _module_file(target)
+        if not path.endswith(".py"):
+            raise ProgramReferenceError(f"{target!r} resolves to {path}, not a Python source file")
+    try:
         with open(path, "rb") as f:
             source = f.read()
-        # Executed from the very bytes that are hashed: never from a cached .pyc, which Python
+    except OSError as error:
+        raise ProgramReferenceError(f"cannot read the program file {path}: {error.strerror or error}") from None
+    return ResolvedReference(reference, target, attribute, is_path, path, source)
+
+
+def _defined_names(tree: ast.Module) -> set[str]:
+    """Names bound by top-level statements of a module: def, class, assignments (including
+    inside top-level if / try / with blocks). Imported names do not count: they are not
+    defined by this file, and its hash does not cover them."""
+    names: set[str] = set()
+
+    def targets(node) -> None:
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, (ast.Tuple, ast.List)):
+            for element in node.elts:
+                targets(element)
+        elif isinstance(node, ast.Starred):
+            targets(node.value)
+
+    def visit(body) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                for target in node.targets:
+                    targets(target)
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and getattr(node, "value", None) is not None:
+                targets(node.target)
+            elif isinstance(node, ast.If):
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, (ast.Try, getattr(ast, "TryStar", ast.Try))):
+                visit(node.body)
+                visit(node.orelse)
+                visit(node.finalbody)
+                for handler in node.handlers:
+                    visit(handler.body)
+            elif isinstance(node, (ast.With, ast.AsyncWith)):
+                visit(node.body)
+
+    visit(tree.body)
+    return names
+
+
+def check_defines(resolved: ResolvedReference) -> None:
+    """The attribute must be defined at top level in the file itself (parsed, not executed)."""
+    try:
+        tree = ast.parse(resolved.source, filename=resolved.path)
+    except (SyntaxError, ValueError) as error:
+        raise ProgramReferenceError(f"{resolved.path}: not valid Python source ({error})") from None
+    if resolved.attribute not in _defined_names(tree):
+        raise ProgramReferenceError(
+            f"{resolved.path} does not define {resolved.attribute!r} at top level (a def, a class or an "
+            f"assignment), so the reference {resolved.reference!r} cannot be trusted to name code in this file"
+        )
+
+
+def _execute(resolved: ResolvedReference):
+    """Execute the resolved file and return its module."""
+    if resolved.is_path:
+        # Executed from the very bytes that were hashed: never from a cached .pyc, which Python
         # would reuse for an edit of the same size within the same second.
-        name = f"replay_program_{hashlib.sha256(path.encode()).hexdigest()[:12]}"
-        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None, origin=path))
-        module.__file__ = path
+        name = f"replay_program_{hashlib.sha256(resolved.path.encode()).hexdigest()[:12]}"
+        module = importlib.util.module_from_spec(
+            importlib.util.spec_from_loader(name, loader=None, origin=resolved.path))
+        module.__file__ = resolved.path
         sys.modules[name] = module
         try:
-            exec(compile(source, path, "exec"), module.__dict__)
+            exec(compile(resolved.source, resolved.path, "exec"), module.__dict__)
         except BaseException:
             sys.modules.pop(name, None)
             raise
-        return module, path, hashlib.sha256(source).hexdigest()
-    module = importlib.import_module(target)
+        return module
+    module = importlib.import_module(resolved.target)
     path = getattr(module, "__file__", None)
-    if path is None:
-        raise ValueError(f"{target!r}: the module has no source file to hash")
-    path = os.path.abspath(path)
-    return module, path, file_sha256(path)
+    if path is None or os.path.realpath(path) != os.path.realpath(resolved.path):
+        raise ProgramReferenceError(
+            f"{resolved.target!r} imported from {path}, not from {resolved.path} whose hash was checked")
+    return module
 
 
 def file_sha256(path: str) -> str:
@@ -215,19 +376,36 @@ def file_sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def import_reference(reference: str):
-    """(object, source path, source SHA-256) for 'module:attribute' or 'path/file.py:attribute'."""
-    target, attribute = _split_reference(reference)
-    module, path, sha256 = _import_target(target)
-    if not hasattr(module, attribute):
-        raise ValueError(f"{target!r} has no attribute {attribute!r} (reference {reference!r})")
-    return getattr(module, attribute), path, sha256
+def import_reference(reference: str, expected_sha256: str | None = None):
+    """(object, source path, source SHA-256) for 'module:attribute' or 'path/file.py:attribute'.
+
+    Nothing is executed until the file is resolved, its hash matches `expected_sha256` (when
+    given; SourceChanged otherwise) and the attribute is defined in it."""
+    resolved = resolve_reference(reference)
+    if expected_sha256 is not None and resolved.sha256 != expected_sha256:
+        raise SourceChanged(resolved.path, expected_sha256, resolved.sha256)
+    check_defines(resolved)
+    module = _execute(resolved)
+    if not hasattr(module, resolved.attribute):
+        raise ProgramReferenceError(f"{resolved.target!r} has no attribute {resolved.attribute!r} (reference {reference!r})")
+    return getattr(module, resolved.attribute), resolved.path, resolved.sha256
 
 
-def load_program(reference: str) -> tuple[Program, ProgramSource]:
-    """Import the program a reference names, with the file that defines it and that file's hash."""
-    obj, path, sha256 = import_reference(reference)
+class SourceChanged(RunError, ValueError):
+    """The program file does not hash to the SHA-256 a run recorded; nothing was executed."""
+
+    def __init__(self, path: str, recorded: str, now: str):
+        self.path, self.recorded, self.now = path, recorded, now
+        super().__init__(f"the program source {path} changed (sha256 {recorded[:12]}... recorded, "
+                         f"{now[:12]}... now); it was not executed")
+
+
+def load_program(reference: str, expected_sha256: str | None = None) -> tuple[Program, ProgramSource]:
+    """Import the program a reference names, with the file that defines it and that file's hash.
+    With `expected_sha256`, the file is executed only if it hashes to that (SourceChanged if not)."""
+    obj, path, sha256 = import_reference(reference, expected_sha256)
     program = obj() if callable(obj) and not isinstance(obj, Program) else obj
     if not isinstance(program, Program):
-        raise ValueError(f"{reference!r} is a {type(program).__name__}, not a replay.Program (or a function returning one)")
+        raise ProgramReferenceError(
+            f"{reference!r} is a {type(program).__name__}, not a replay.Program (or a function returning one)")
     return program, ProgramSource(reference=reference, path=path, sha256=sha256)

@@ -1,49 +1,40 @@
 """Sessions over a run directory (rr's vocabulary): RecordSession writes a run (and resumes
 one that stopped), ReplaySession re-executes any stretch of it from the nearest checkpoint and
-says where, and in which tensors, the replay diverges from the ledger."""
+says where, and in which tensors, the replay diverges from the ledger. Both are thin layers over
+the run driver (driver.py)."""
 
 from __future__ import annotations
 
 import os
-import uuid
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from . import environment as env_module
-from .engine import Engine, StepRecord, digest_of
-from .order import batch_hash
-from .program import Program, ProgramSource, file_sha256, load_program
-from .rng import RngContract
-from .schedule import checkpoint_counts
-from .store import RunDir, RunError, StepRow
-
-MANIFEST_FORMAT = "replay.run"
-MANIFEST_VERSION = 1
-
-
-class ReplayRefused(RunError):
-    """A replay or resume that would not reproduce the recording (changed program source or
-    environment) and was not explicitly allowed."""
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+from .driver import (  # noqa: F401  (re-exported: the session API predates driver.py)
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    Divergence,
+    ReplayRefused,
+    check_restored_state,
+    compare_fingerprints,
+    compare_record,
+    engine_for_run,
+    fresh_engine,
+    load_run_program,
+    progress_bar,
+    program_as_recorded,
+    record_steps,
+    restore,
+    root_manifest,
+    state_differences,
+)
+from .engine import Engine
+from .program import load_program
+from .store import CorruptRunError, RunDir, RunError
 
 
-def _row(record: StepRecord) -> StepRow:
-    return StepRow(step=record.step, epoch=record.epoch, batch_ids=record.ids, batch_hash=batch_hash(record.ids),
-                   loss=record.loss, lr=record.lr, metrics=record.metrics, fingerprints=record.fingerprints,
-                   digest=record.digest)
-
-
-def _is_replay_optimizer(optimizer) -> bool:
-    return type(optimizer).__module__.startswith("replay.")
+def _say_stderr(message: str) -> None:
+    print(f"replay: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- record ----
@@ -65,260 +56,112 @@ class RecordSession:
         self.out = Path(out)
         self.progress = progress
 
-    def _manifest(self, engine: Engine) -> dict:
-        p = self.program
-        return {
-            "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
-            "run_id": uuid.uuid4().hex,
-            "first_step": 0,
-            "status": "incomplete",
-            "program": {"reference": self.source.reference, "path": self.source.path, "sha256": self.source.sha256,
-                        "description": p.description},
-            "seed": p.seed,
-            "steps": p.steps,
-            "batch_size": p.batch_size,
-            "dataset_size": p.dataset_size(),
-            "rng": engine.contract.to_json(),
-            "order": engine.policy.to_json(),
-            "checkpoints": {"every": p.checkpoint_every, "log_spaced": p.checkpoint_log_spaced,
-                            "counts": checkpoint_counts(p.steps, p.checkpoint_every, p.checkpoint_log_spaced)},
-            "optimizer": {"class": f"{type(engine.optimizer).__module__}.{type(engine.optimizer).__qualname__}",
-                          "replay_kernel": _is_replay_optimizer(engine.optimizer),
-                          "numerics": getattr(engine.optimizer, "numerics", None)},
-            "environment": env_module.environment(),
-        }
-
     def run(self, observe=None) -> Path:
         """Record the run; `observe(engine)` is called after every step."""
         engine = Engine(self.program, Engine.contract_for(self.program))
         if observe is not None:
             observe(engine)
-        with RunDir.create(self.out, self._manifest(engine)) as run:
-            _record_steps(run, engine, self.program.steps, self.progress, observe)
+        with RunDir.create(self.out, root_manifest(self.program, self.source, engine)) as run:
+            record_steps(run, engine, self.program.steps, self.progress, observe)
         return self.out
 
     @staticmethod
     def resume(run_dir: str | os.PathLike, *, progress: bool = True, allow_source_change: bool = False,
-               allow_environment_change: bool = False) -> Path:
-        """Continue a recording that stopped or crashed from its last checkpoint. The result is
-        bit-identical to a recording that never stopped."""
+               allow_environment_change: bool = False, say=_say_stderr) -> Path:
+        """Continue a recording that stopped or crashed. The result is bit-identical to a
+        recording that never stopped.
+
+        It continues from the newest intact checkpoint: a newer one that is missing, damaged or
+        disagrees with the ledger is skipped (and everything after the one used is forgotten),
+        and a run with no usable checkpoint (killed before its first was recorded) starts again
+        from its first step (a fork from its parent's state at the fork step). Each of these is
+        said through `say` (stderr by default) and recorded as a ledger event."""
         with RunDir.open(run_dir, writable=True) as run:
             if run.is_complete:
                 raise RunError(f"{run_dir}: the recording is already complete; nothing to resume")
-            program = _program_for_run(run, allow_source_change, allow_environment_change, "resume")
-            engine = engine_for_run(run, program)
-            start = run.latest_checkpoint_at_or_before(program.steps)
-            if start is None:
-                raise RunError(f"{run_dir}: no checkpoint recorded; record the run again")
-            engine.load_state_dict(run.load_checkpoint(start))
-            _check_restored_state(run, engine, start)
-            run.ledger.truncate_after(start - 1, keep_checkpoint=start)
-            run.ledger.add_event("resume", {"from_checkpoint": start})
-            _record_steps(run, engine, program.steps, progress)
+            manifest = run.manifest
+            program, _ = load_run_program(run, allow_source_change, allow_environment_change, "resume")
+            first = manifest.get("first_step", 0)
+            engine, start, skipped = None, None, []
+            for step in sorted(run.checkpoint_steps(), reverse=True):
+                if step > program.steps:
+                    continue
+                candidate = engine_for_run(run, program)
+                try:
+                    restore(run, candidate, step)
+                except (CorruptRunError, ValueError, KeyError, TypeError) as error:
+                    skipped.append(step)
+                    say(f"checkpoint {step} is not usable ({str(error).splitlines()[0]}); falling back to an earlier one")
+                    continue
+                engine, start = candidate, step
+                break
+            if engine is None:
+                if manifest.get("lineage"):
+                    from .fork import restart_child
+
+                    engine = restart_child(run, program)
+                else:
+                    engine = fresh_engine(run, program)
+                start = first
+                what = "its fork step" if manifest.get("lineage") else "step"
+                say(f"{run.path}: no intact checkpoint is recorded; recording again from {what} {start}")
+                run.truncate_after(start - 1)
+            else:
+                if skipped:
+                    say(f"{run.path}: resuming from checkpoint {start}, the newest intact one")
+                run.truncate_after(start - 1, keep_checkpoint=start)
+            run.ledger.add_event("resume", {"from_checkpoint": None if start not in run.ledger.checkpoints() else start,
+                                            "restarted": engine is not None and start not in run.ledger.checkpoints(),
+                                            "skipped_checkpoints": skipped})
+            record_steps(run, engine, program.steps, progress)
         return Path(run_dir)
-
-
-class _CheckpointWriter:
-    """Writes checkpoints on a background thread while training goes on, and records each in the
-    ledger (on the calling thread) once its files are durable.
-
-    The state is copied when the checkpoint is due, so later steps cannot change it. Rows come
-    first, then the checkpoint: a checkpoint is only recorded once every row before it is
-    durable, so a resume from it never lacks a row; a crash before the record leaves a complete
-    but unrecorded folder, which is ignored. At most one checkpoint is in flight.
-    """
-
-    def __init__(self, run: RunDir):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.run = run
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-checkpoint")
-        self.in_flight: tuple[int, object] | None = None
-
-    def submit(self, step: int, state: dict) -> None:
-        import copy
-
-        from .store.checkpoint import write_checkpoint
-
-        self.collect(block=True)
-        if self.run.ledger.checkpoint_files(step) is not None:
-            self.run.ledger.remove_checkpoint(step)
-        snapshot = copy.deepcopy(state)
-        self.in_flight = (step, self.pool.submit(write_checkpoint, self.run.checkpoints_dir, step, snapshot))
-
-    def collect(self, block: bool = False) -> None:
-        if self.in_flight is None:
-            return
-        step, future = self.in_flight
-        if block or future.done():
-            self.in_flight = None
-            self.run.ledger.record_checkpoint(step, future.result())
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-
-
-def _record_steps(run: RunDir, engine: Engine, total: int, progress: bool, observe=None) -> None:
-    """Run the engine to `total` completed steps, writing ledger rows and checkpoints (including
-    one at the current step if it is due and not yet recorded); `observe` (if given) is called
-    with the engine after every step (experiments evaluate probes there)."""
-    counts = set(run.manifest["checkpoints"]["counts"])
-    bar = _progress(total - engine.completed, "record", progress)
-    pending: list[StepRow] = []
-    known_epochs = run.ledger.epochs()
-    writer = _CheckpointWriter(run)
-    try:
-        if engine.completed in counts and engine.completed not in run.ledger.checkpoints():
-            writer.submit(engine.completed, engine.state_dict())
-        while engine.completed < total:
-            record = engine.run_step()
-            if observe is not None:
-                observe(engine)
-            pending.append(_row(record))
-            if record.epoch not in known_epochs:
-                order_hash = engine.policy.epoch_order_hash(record.epoch)
-                if order_hash is not None:
-                    run.ledger.record_epoch(record.epoch, order_hash)
-                known_epochs[record.epoch] = order_hash
-            if engine.completed in counts:
-                run.ledger.append_steps(pending)
-                pending = []
-                writer.submit(engine.completed, engine.state_dict())
-            writer.collect()
-            if bar is not None:
-                bar.update(1)
-                if record.loss is not None:
-                    bar.set_postfix(loss=f"{record.loss:.4f}", refresh=False)
-        run.ledger.append_steps(pending)
-        writer.collect(block=True)
-        run.mark_complete()
-    finally:
-        writer.close()
-        if bar is not None:
-            bar.close()
 
 
 # ---------------------------------------------------------------------------- replay ----
 
 
 @dataclass
-class Divergence:
-    """Where a replay first parts from the ledger: the step, and per component the tensors whose
-    fingerprints differ ({} for the batch when only the data differs)."""
-
-    step: int
-    components: dict[str, list[str]] = field(default_factory=dict)
-    batch: bool = False
-    loss: tuple[float | None, float | None] | None = None
-
-    def describe(self) -> str:
-        lines = [f"first divergence at step {self.step}"]
-        if self.batch:
-            lines.append("  batch ids differ")
-        for component, names in sorted(self.components.items()):
-            shown = ", ".join(names[:8]) + (f", ... ({len(names)} tensors)" if len(names) > 8 else "")
-            lines.append(f"  {component}: {shown}")
-        if self.loss is not None:
-            lines.append(f"  loss recorded {self.loss[0]!r}, replayed {self.loss[1]!r}")
-        return "\n".join(lines)
-
-
-@dataclass
 class VerifyReport:
+    """What `verify` found: the steps replayed, the checkpoint restored from, the first
+    divergence from the ledger, the stored checkpoints compared with the replayed state (and
+    those that differ), and the damaged files (a run with damage is not replayed)."""
+
     start: int
     end: int
-    restored_from: int
+    restored_from: int | None
     divergence: Divergence | None
+    checkpoints_compared: list[int] = field(default_factory=list)
+    checkpoint_mismatches: dict[int, dict[str, list[str]]] = field(default_factory=dict)
+    damaged: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.divergence is None
+        return self.divergence is None and not self.checkpoint_mismatches and not self.damaged
+
+    def describe(self) -> str:
+        if self.ok:
+            origin = "a fresh start" if self.restored_from is None else f"checkpoint {self.restored_from}"
+            return (f"OK: steps {self.start}..{self.end - 1} replay bit for bit (from {origin}); "
+                    f"{len(self.checkpoints_compared)} stored checkpoints equal the replayed state")
+        lines = []
+        if self.damaged:
+            lines.append(f"DAMAGED: {len(self.damaged)} problem(s) with the run's files:")
+            lines += [f"  {d}" for d in self.damaged]
+        if self.divergence is not None:
+            lines.append(self.divergence.describe())
+        for step, parts in sorted(self.checkpoint_mismatches.items()):
+            shown = "; ".join(f"{k}: {', '.join(v[:6])}" + (" ..." if len(v) > 6 else "") for k, v in parts.items())
+            lines.append(f"stored checkpoint {step} differs from the replayed state ({shown})")
+        return "\n".join(lines)
 
 
-def compare_fingerprints(recorded: dict[str, dict[str, int]], replayed: dict[str, dict[str, int]]) -> dict[str, list[str]]:
-    """Per component, the tensor names whose fingerprints differ (or exist on one side only)."""
-    differing: dict[str, list[str]] = {}
-    for component in sorted(set(recorded) | set(replayed)):
-        a, b = recorded.get(component, {}), replayed.get(component, {})
-        names = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
-        if names:
-            differing[component] = names
-    return differing
+def verify_files(run_dir: str | os.PathLike) -> list[str]:
+    """Integrity alone, without executing or replaying anything: every problem with the files
+    the run records (empty when intact)."""
+    from .store.integrity import check_files
 
-
-def compare_record(row: StepRow, record: StepRecord) -> Divergence | None:
-    differing = compare_fingerprints(row.fingerprints, record.fingerprints)
-    batch = row.batch_ids != record.ids
-    loss_differs = not _same_float(row.loss, record.loss)
-    if differing or batch or loss_differs or row.digest != record.digest:
-        return Divergence(step=row.step, components=differing, batch=batch,
-                          loss=(row.loss, record.loss) if loss_differs else None)
-    return None
-
-
-def _same_float(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return torch.tensor(a, dtype=torch.float64).view(torch.int64).item() == torch.tensor(b, dtype=torch.float64).view(torch.int64).item()
-
-
-def _program_for_run(run: RunDir, allow_source_change: bool, allow_environment_change: bool, action: str) -> Program:
-    manifest = run.manifest
-    reference = manifest["program"]["reference"]
-    program, source = load_program(reference)
-    if source.sha256 != manifest["program"]["sha256"]:
-        if not allow_source_change:
-            raise ReplayRefused(
-                f"the program source {source.path} changed since {run.path} was recorded "
-                f"(sha256 {manifest['program']['sha256'][:12]}... then, {source.sha256[:12]}... now); "
-                "a replay would not reproduce the recording. Restore the file, or allow the change "
-                "explicitly (--allow-source-change), which the run records."
-            )
-        run.ledger.add_event(f"{action}:source_change_allowed", {"recorded": manifest["program"]["sha256"], "now": source.sha256})
-    diffs = env_module.differences(manifest["environment"], env_module.environment())
-    if diffs:
-        if not allow_environment_change:
-            shown = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diffs.items())
-            raise ReplayRefused(
-                f"the environment differs from the one {run.path} was recorded in ({shown}); "
-                "the bits may legitimately differ. Match it, or allow the change explicitly "
-                "(--allow-environment-change), which the run records."
-            )
-        run.ledger.add_event(f"{action}:environment_change_allowed", {k: list(v) for k, v in diffs.items()})
-    return program_as_recorded(program, manifest)
-
-
-def program_as_recorded(program: Program, manifest: dict) -> Program:
-    """The program with the seed, length and checkpoint schedule the run was recorded with."""
-    return program.with_overrides(seed=manifest["seed"], steps=manifest["steps"],
-                                  checkpoint_every=manifest["checkpoints"]["every"],
-                                  checkpoint_log_spaced=manifest["checkpoints"]["log_spaced"])
-
-
-def engine_for_run(run: RunDir, program: Program) -> Engine:
-    """An engine for a recorded run: its RNG contract, its order policy and, for a fork, its
-    perturbations."""
-    from .perturb import from_spec
-
-    perturbations = [from_spec(spec) for spec in run.manifest.get("lineage", {}).get("perturbations", [])]
-    return Engine(program, RngContract.from_json(run.manifest["rng"]), run.manifest["order"], perturbations)
-
-
-def _check_restored_state(run: RunDir, engine: Engine, count: int) -> None:
-    """A restored checkpoint must describe the same state the ledger recorded after that step."""
-    if count == 0:
-        return
-    row = run.ledger.step_row(count - 1)
-    if row is None:
-        return
-    restored = engine.fingerprints(use_optimizer=False)
-    differing = compare_fingerprints(row.fingerprints, restored)
-    if differing:
-        raise RunError(
-            f"{run.path}: checkpoint {count} does not match the ledger's fingerprints after step {count - 1} "
-            f"({Divergence(count - 1, differing).describe()})"
-        )
+    with RunDir.open(run_dir) as run:
+        return check_files(run)
 
 
 class ReplaySession:
@@ -331,27 +174,48 @@ class ReplaySession:
         self.allow_environment_change = allow_environment_change
 
     def verify(self, start: int | None = None, end: int | None = None, *, progress: bool = True) -> VerifyReport:
-        """Replay steps [start, end) (default: every recorded step) and report the first
-        divergence, if any."""
+        """Check every file the run records (hash, then parse), then replay steps [start, end)
+        (default: every recorded step), compare each step with the ledger and each stored
+        checkpoint passed on the way with the replayed state. A run with damaged files is
+        reported without replaying (and without executing its program)."""
+        from .store.integrity import check_files
+
         writable = self.allow_source_change or self.allow_environment_change
         with RunDir.open(self.path, writable=writable) as run:
-            program = _program_for_run(run, self.allow_source_change, self.allow_environment_change, "verify")
             last = run.ledger.last_step()
+            first = run.manifest.get("first_step", 0)
             if last is None:
                 raise RunError(f"{self.path}: the ledger has no steps to verify")
-            first = run.manifest.get("first_step", 0)
             start = first if start is None else start
             end = last + 1 if end is None else end
             if not first <= start < end <= last + 1:
-                raise ValueError(f"cannot verify steps [{start}, {end}): the ledger holds steps {first}..{last}")
-            restore = run.latest_checkpoint_at_or_before(start)
-            if restore is None:
-                raise RunError(f"{self.path}: no checkpoint at or before step {start}")
+                raise RunError(f"cannot verify steps [{start}, {end}): the ledger holds steps {first}..{last}")
+            damaged = check_files(run)
+            if damaged:
+                return VerifyReport(start=start, end=end, restored_from=None, divergence=None, damaged=damaged)
+            program, _ = load_run_program(run, self.allow_source_change, self.allow_environment_change, "verify")
+            checkpoints = run.checkpoint_steps()
             engine = engine_for_run(run, program)
-            engine.load_state_dict(run.load_checkpoint(restore))
-            _check_restored_state(run, engine, restore)
-            rows = {r.step: r for r in run.ledger.rows(restore, end)}
-            bar = _progress(end - restore, "verify", progress)
+            compared, mismatches = [], {}
+            if start == 0 and not run.manifest.get("lineage"):
+                restored_from = None  # from the program itself: checkpoint 0 is compared too
+            else:
+                restored_from = run.latest_checkpoint_at_or_before(start)
+                if restored_from is None:
+                    raise RunError(f"{self.path}: no checkpoint at or before step {start}")
+                restore(run, engine, restored_from)
+
+            def compare_checkpoint() -> None:
+                c = engine.completed
+                if c in checkpoints and c != restored_from:
+                    compared.append(c)
+                    differing = state_differences(run.load_checkpoint(c), engine.state_dict())
+                    if differing:
+                        mismatches[c] = differing
+
+            compare_checkpoint()
+            rows = {r.step: r for r in run.ledger.rows(engine.completed, end)}
+            bar = progress_bar(end - engine.completed, "verify", progress)
             divergence = None
             try:
                 while engine.completed < end:
@@ -360,9 +224,11 @@ class ReplaySession:
                         divergence = compare_record(rows[record.step], record)
                         if divergence is not None:
                             break
+                    compare_checkpoint()
                     if bar is not None:
                         bar.update(1)
             finally:
                 if bar is not None:
                     bar.close()
-            return VerifyReport(start=start, end=end, restored_from=restore, divergence=divergence)
+            return VerifyReport(start=start, end=end, restored_from=restored_from, divergence=divergence,
+                                checkpoints_compared=compared, checkpoint_mismatches=mismatches)
