@@ -8,19 +8,34 @@ wrote, an int64 tensor [n_tensors, n_slots]; replay.fingerprint turns sums into 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.replay)
+_loaded = False
+_lock = threading.Lock()
 
-_ops = torch.ops.replay
+
+def load():
+    """Load the compiled extension (registers torch.ops.replay) and the ops' fake
+    implementations, once; return the op namespace. Called by every wrapper, so that importing
+    replay (or modules that import this one) never loads the extension."""
+    global _loaded
+    if not _loaded:
+        with _lock:
+            if not _loaded:
+                from . import _C  # noqa: F401  (registers torch.ops.replay)
+
+                _register_fakes()
+                _loaded = True
+    return torch.ops.replay
 
 
 def fingerprint_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Wrapping 64-bit sums of position-mixed element hashes, one per tensor (contiguous,
     1/2/4/8-byte elements), as int64 bits."""
-    return _ops.fingerprint_sums(list(tensors))
+    return load().fingerprint_sums(list(tensors))
 
 
 def sgd_step_(
@@ -40,7 +55,7 @@ def sgd_step_(
 ) -> torch.Tensor:
     """One SGD step over a list of tensors. Columns: param, momentum_buffer (if momentum);
     none with fingerprint=False."""
-    return _ops.sgd_step_(
+    return load().sgd_step_(
         params,
         grads,
         momentum_buffers if momentum != 0 else [],
@@ -87,7 +102,7 @@ def adam_step_(
         step_size = lr / bias_correction1
         neg_step_sizes.append(-step_size)
         bias_correction2_sqrts.append(bias_correction2**0.5)
-    return _ops.adam_step_(
+    return load().adam_step_(
         params,
         grads,
         exp_avgs,
@@ -112,12 +127,12 @@ def adam_step_(
 def ema_update_(averages: list[torch.Tensor], sources: list[torch.Tensor], *, decay: float,
                 fingerprint: bool = True) -> torch.Tensor:
     """average <- lerp(average, source, 1 - decay) (csrc/kernels/ema.h). Column: average."""
-    return _ops.ema_update_(averages, sources, 1.0 - decay, bool(fingerprint))
+    return load().ema_update_(averages, sources, 1.0 - decay, bool(fingerprint))
 
 
 def bandwidth_yardstick_(params, grads, exp_avgs, exp_avg_sqs) -> None:
     """p += g, m += g, v += g: the bytes of an Adam step with no arithmetic (benchmarks only)."""
-    _ops.bandwidth_yardstick_(params, grads, exp_avgs, exp_avg_sqs)
+    load().bandwidth_yardstick_(params, grads, exp_avgs, exp_avg_sqs)
 
 
 # ---------------------------------------------------------------- fake implementations ----
@@ -129,30 +144,27 @@ def _sums_like(tensors: Sequence[torch.Tensor], slots: int) -> torch.Tensor:
     return torch.empty((len(tensors), slots), dtype=torch.int64, device=device)
 
 
-@torch.library.register_fake("replay::fingerprint_sums")
-def _fingerprint_sums_fake(tensors):
-    device = tensors[0].device if len(tensors) else torch.device("cpu")
-    return torch.empty((len(tensors),), dtype=torch.int64, device=device)
+def _register_fakes() -> None:
+    @torch.library.register_fake("replay::fingerprint_sums")
+    def _fingerprint_sums_fake(tensors):
+        device = tensors[0].device if len(tensors) else torch.device("cpu")
+        return torch.empty((len(tensors),), dtype=torch.int64, device=device)
 
+    @torch.library.register_fake("replay::sgd_step_")
+    def _sgd_step_fake(params, grads, momentum_buffers, first_step, weight_decay, momentum,
+                       one_minus_dampening, neg_lr, nesterov, maximize, fingerprint, numerics):
+        return _sums_like(params, (2 if momentum != 0 else 1) if fingerprint else 0)
 
-@torch.library.register_fake("replay::sgd_step_")
-def _sgd_step_fake(params, grads, momentum_buffers, first_step, weight_decay, momentum,
-                   one_minus_dampening, neg_lr, nesterov, maximize, fingerprint, numerics):
-    return _sums_like(params, (2 if momentum != 0 else 1) if fingerprint else 0)
+    @torch.library.register_fake("replay::adam_step_")
+    def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, neg_step_sizes,
+                        bias_correction2_sqrts, lerp_weight, beta2, one_minus_beta2, eps, weight_decay,
+                        decay_factor, decoupled, amsgrad, maximize, fingerprint, numerics):
+        return _sums_like(params, (4 if amsgrad else 3) if fingerprint else 0)
 
+    @torch.library.register_fake("replay::ema_update_")
+    def _ema_update_fake(averages, sources, weight, fingerprint):
+        return _sums_like(averages, 1 if fingerprint else 0)
 
-@torch.library.register_fake("replay::adam_step_")
-def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, neg_step_sizes,
-                    bias_correction2_sqrts, lerp_weight, beta2, one_minus_beta2, eps, weight_decay,
-                    decay_factor, decoupled, amsgrad, maximize, fingerprint, numerics):
-    return _sums_like(params, (4 if amsgrad else 3) if fingerprint else 0)
-
-
-@torch.library.register_fake("replay::ema_update_")
-def _ema_update_fake(averages, sources, weight, fingerprint):
-    return _sums_like(averages, 1 if fingerprint else 0)
-
-
-@torch.library.register_fake("replay::bandwidth_yardstick_")
-def _bandwidth_yardstick_fake(params, grads, exp_avgs, exp_avg_sqs):
-    return None
+    @torch.library.register_fake("replay::bandwidth_yardstick_")
+    def _bandwidth_yardstick_fake(params, grads, exp_avgs, exp_avg_sqs):
+        return None

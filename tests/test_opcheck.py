@@ -9,8 +9,10 @@ wrappers derive on the host).
 import pytest
 import torch
 
-import replay  # noqa: F401  (registers torch.ops.replay)
+import replay._ops
 from replay import _numerics
+
+replay._ops.load()  # the extension loads on first use: register torch.ops.replay and its fakes now
 
 SIZES = (5, 0, 1000, 33)  # an empty tensor among tensors of different sizes
 

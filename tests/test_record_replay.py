@@ -255,3 +255,18 @@ def test_inspect_and_cli_errors(tmp_path, capsys):
     assert data["steps_recorded"] == 30 and data["checkpoints"] == [0, 10, 20, 30]
     assert cli(["verify", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert cli(["record", "no_such_module:program", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+
+
+def test_import_replay_loads_neither_torch_nor_the_extension():
+    """`import replay` and replay.estimands start fast: torch and replay._C load on first use."""
+    code = ("import sys, replay, replay.estimands\n"
+            "assert not {'torch', 'replay._C', 'torch._dynamo'} & set(sys.modules), sorted(sys.modules)\n"
+            "import replay._ops\n"
+            "assert 'replay._C' not in sys.modules\n"
+            "replay.fingerprint\n"
+            "assert 'replay._C' not in sys.modules\n"
+            "import torch\n"
+            "replay.fingerprint(torch.zeros(3))\n"
+            "assert 'replay._C' in sys.modules\n"
+            "assert replay.Program is replay.program.Program and replay.optim.AdamW\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
