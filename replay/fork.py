@@ -162,7 +162,7 @@ class ForkSession:
         return PlaceboReport(self.at, end, None)
 
 
-def restart_child(child: RunDir, program=None) -> Engine:
+def restart_child(child: RunDir, *, allow_source_change: bool = False, allow_environment_change: bool = False) -> Engine:
     """The engine a fork starts from (its parent's state at the fork step, its perturbations
     applied), rebuilt from the parent: for a child killed before its first checkpoint was
     recorded. RunError if the parent is gone or changed since the fork."""
@@ -172,7 +172,8 @@ def restart_child(child: RunDir, program=None) -> Engine:
     if not (parent / "manifest.json").is_file():
         raise RunError(f"{child.path}: no checkpoint is recorded and the parent {parent} is gone; "
                        "the fork cannot be restarted")
-    session = ForkSession(parent, lineage["fork_step"], progress=False)
+    session = ForkSession(parent, lineage["fork_step"], progress=False, allow_source_change=allow_source_change,
+                          allow_environment_change=allow_environment_change)
     if session.manifest.get("run_id") != lineage["parent_id"] or session.parent_digest != lineage["parent_digest"]:
         raise RunError(f"{child.path}: no checkpoint is recorded and the parent {parent} changed since the fork; "
                        "the fork cannot be restarted faithfully")

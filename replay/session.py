@@ -95,11 +95,13 @@ class RecordSession:
                     continue
                 engine, start = candidate, step
                 break
-            if engine is None:
+            restarted = engine is None
+            if restarted:
                 if manifest.get("lineage"):
                     from .fork import restart_child
 
-                    engine = restart_child(run, program)
+                    engine = restart_child(run, allow_source_change=allow_source_change,
+                                           allow_environment_change=allow_environment_change)
                 else:
                     engine = fresh_engine(run, program)
                 start = first
@@ -110,8 +112,7 @@ class RecordSession:
                 if skipped:
                     say(f"{run.path}: resuming from checkpoint {start}, the newest intact one")
                 run.truncate_after(start - 1, keep_checkpoint=start)
-            run.ledger.add_event("resume", {"from_checkpoint": None if start not in run.ledger.checkpoints() else start,
-                                            "restarted": engine is not None and start not in run.ledger.checkpoints(),
+            run.ledger.add_event("resume", {"from_checkpoint": None if restarted else start, "restarted": restarted,
                                             "skipped_checkpoints": skipped})
             record_steps(run, engine, program.steps, progress)
         return Path(run_dir)

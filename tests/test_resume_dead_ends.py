@@ -214,3 +214,16 @@ def test_really_killed_before_the_first_checkpoint_then_resumed(references, tmp_
         assert run.ledger.checkpoints() == {} and not run.is_complete
     assert f"fork step {AT}" in resume(killed_child)
     assert ledger(killed_child) == ledger(child)
+
+
+def test_the_command_line_says_what_resume_did(references, tmp_path, capsys):
+    from replay.cli import main as cli
+
+    parent, _ = references
+    out = copy_of(parent, tmp_path, "cli")
+    stop_after(out, 24, 20)
+    shutil.rmtree(out / "checkpoints" / "step-00000020")
+    assert cli(["resume", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint 20 is not usable" in err and "resuming from checkpoint 10" in err
+    assert ledger(out) == ledger(parent)
