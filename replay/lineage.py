@@ -6,11 +6,12 @@ in the parent; `parent_status` recomputes that digest to detect a parent changed
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .store import RunDir, RunError
+from .store import RunDir
 
 MAX_DEPTH = 6  # how deep `tree` looks for run directories below the folder it is given
 
@@ -70,15 +71,29 @@ def _describe(manifest: dict) -> str:
     return f"fork @{lineage['fork_step']}: {perturbations}, {steps}"
 
 
+def _reason(error: Exception) -> str:
+    if isinstance(error, KeyError):
+        return f"the manifest lacks {error.args[0]!r}" if error.args else "the manifest lacks a key"
+    if isinstance(error, (TypeError, AttributeError)):
+        return f"the manifest has a value of the wrong type ({error})"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def tree(root: str | os.PathLike) -> str:
-    """The lineage tree of every run below `root`, as text."""
+    """The lineage tree of every run below `root`, as text. A run that cannot be read is flagged
+    in its place and the others are still shown; a `root` that is not a folder is refused."""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(errno.ENOENT if not Path(root).exists() else errno.ENOTDIR,
+                                "no such folder" if not Path(root).exists() else "not a folder", str(root))
     runs = {}
     for path in find_runs(root):
         try:
             with RunDir.open(path) as run:
-                runs[path] = run.manifest
-        except RunError as error:
-            runs[path] = {"_error": str(error)}
+                manifest = run.manifest
+            _describe(manifest)  # a manifest without the keys the tree shows is unreadable here
+            runs[path] = manifest
+        except Exception as error:  # a damaged run is flagged, never the end of the listing
+            runs[path] = {"_error": _reason(error)}
     by_id = {m.get("run_id"): p for p, m in runs.items() if "run_id" in m}
     children: dict[Path | None, list[Path]] = {}
     for path, manifest in runs.items():
@@ -90,10 +105,14 @@ def tree(root: str | os.PathLike) -> str:
         manifest = runs[path]
         connector = "" if top else ("└── " if last else "├── ")
         if "_error" in manifest:
-            lines.append(f"{prefix}{connector}{path}  (unreadable: {manifest['_error']})")
+            lines.append(f"{prefix}{connector}{os.path.relpath(path, root)}  (UNREADABLE: {manifest['_error']})")
             return
-        status = parent_status(path) if manifest.get("lineage") else "root"
-        flag = {"ok": "", "root": "", "missing": "  [parent missing]", "changed": "  [PARENT CHANGED since fork]"}[status]
+        try:
+            status = parent_status(path) if manifest.get("lineage") else "root"
+        except Exception as error:  # the parent (or the lineage record) is damaged
+            status = "unreadable"
+            flag_error = _reason(error)
+        flag = f"  [parent unreadable: {flag_error}]" if status == "unreadable" else {"ok": "", "root": "", "missing": "  [parent missing]", "changed": "  [PARENT CHANGED since fork]"}[status]
         if manifest.get("lineage") and manifest["lineage"].get("parent_id") not in by_id and status == "ok":
             flag = "  [parent outside this folder]"
         incomplete = "" if manifest.get("status") == "complete" else "  (incomplete)"
