@@ -57,13 +57,19 @@ def load_run_program(run: RunDir, allow_source_change: bool, allow_environment_c
     the source it was loaded from.
 
     Nothing is executed before the checks: the reference is resolved to its file without
-    importing it, the file's hash is compared with the manifest's (ReplayRefused unless
+    importing it, the file must lie outside the run directory, the file's hash is compared with the manifest's (ReplayRefused unless
     `allow_source_change`), the environment is compared (ReplayRefused unless
     `allow_environment_change`), the attribute must be defined in that file, and only then is
     the file executed. An allowed change is recorded as an event (the run must be writable)."""
     manifest = run.manifest
     recorded = manifest["program"]
     resolved = resolve_reference(recorded["reference"])
+    run_root = os.path.realpath(run.path)
+    if os.path.commonpath([os.path.realpath(resolved.path), run_root]) == run_root:
+        raise ReplayRefused(
+            f"{run.path}: the program reference {recorded['reference']!r} names {resolved.path}, a file inside the "
+            "run directory; a run's own files are never executed (a run names code, it does not carry it)"
+        )
     if resolved.sha256 != recorded["sha256"]:
         if not allow_source_change:
             raise ReplayRefused(

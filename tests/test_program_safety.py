@@ -92,6 +92,23 @@ def test_a_module_reference_executes_not_even_its_package(marked_run, tmp_path, 
     assert "evilpkg" not in sys.modules
 
 
+@pytest.mark.parametrize("as_module", [False, True])
+def test_a_program_carried_inside_the_run_is_never_executed(marked_run, tmp_path, monkeypatch, as_module):
+    run, _, _ = marked_run
+    marker = tmp_path / "carried-executed"
+    carried = marked_program(run, "carried.py", marker)  # the hash in the manifest matches it
+    if as_module:
+        monkeypatch.syspath_prepend(str(run))  # e.g. `python -m replay.cli verify .` from inside the run
+        reference = "carried:program"
+    else:
+        reference = f"{carried}:program"
+    set_program(run, reference=reference, sha256=resolve_reference(reference).sha256)
+    for command in all_commands(run):
+        with pytest.raises(ReplayRefused, match="inside the run directory"):
+            command()
+    assert not marker.exists()
+
+
 def test_os_getpid_is_never_called(marked_run, monkeypatch):
     run, _, _ = marked_run
     calls, real_getpid = [], os.getpid
