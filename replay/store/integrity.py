@@ -15,7 +15,7 @@ from __future__ import annotations
 from .checkpoint import read_checkpoint
 from .errors import RunError
 
-__all__ = ["check_files", "intact_checkpoints"]
+__all__ = ["check_files"]
 
 
 def _try(problems: list[str], fn, *args):
@@ -39,15 +39,3 @@ def check_files(run) -> list[str]:
         _try(problems, read_checkpoint, run.checkpoints_dir, step, files)
     return problems
 
-
-def intact_checkpoints(run) -> tuple[list[int], dict[int, str]]:
-    """(steps whose recorded checkpoint hashes and parses, {step: problem} for the others)."""
-    intact, damaged = [], {}
-    for step, files in sorted(run.ledger.checkpoints().items()):
-        try:
-            read_checkpoint(run.checkpoints_dir, step, files)
-        except RunError as error:
-            damaged[step] = str(error)
-        else:
-            intact.append(step)
-    return intact, damaged
