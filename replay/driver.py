@@ -267,7 +267,12 @@ def check_restored_state(run: RunDir, engine: Engine, count: int) -> None:
 def restore(run: RunDir, engine: Engine, step: int) -> None:
     """Load the recorded checkpoint of `step` into `engine` and check it against the ledger
     (CorruptRunError naming the file or folder if it is damaged or disagrees)."""
-    engine.load_state_dict(run.load_checkpoint(step))
+    state = run.load_checkpoint(step)
+    completed = state.get("completed_steps") if isinstance(state, dict) else None
+    if type(completed) is not int or completed != step:
+        raise CorruptRunError(os.path.join(run.checkpoints_dir, f"step-{step:08d}"),
+                              f"the checkpoint of step {step} says completed_steps {completed!r}")
+    engine.load_state_dict(state)
     check_restored_state(run, engine, step)
 
 

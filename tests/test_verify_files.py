@@ -10,8 +10,7 @@ import torch
 
 from replay.cli import main as cli
 from replay.session import RecordSession, ReplaySession, verify_files
-from replay.store import RunDir
-from replay.store.checkpoint import write_checkpoint
+from replay.store import CorruptRunError, RunDir
 
 HERE = Path(__file__).resolve().parent
 TINY = str(HERE / "programs" / "tiny.py") + ":program"
@@ -155,3 +154,17 @@ def test_files_check_executes_no_program(tmp_path):
     assert verify_files(out) == []
     assert cli(["verify", str(out), "--files"]) == 0
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("completed", [10**30, "20", 1e308, 19])
+def test_a_checkpoint_naming_another_step_is_refused_not_replayed_past(run, completed):
+    def change(state):
+        state["completed_steps"] = completed
+
+    _rewrite_checkpoint(run, 20, change)
+    report = ReplaySession(run).verify(progress=False)  # from the start: compared with the replay
+    assert not report.ok and list(report.checkpoint_mismatches) == [20]
+    for start in (20, 25):  # restored from checkpoint 20: refused, naming it, nothing replayed
+        with pytest.raises(CorruptRunError, match="step-00000020.*completed_steps"):
+            ReplaySession(run).verify(start, progress=False)
+        assert cli(["verify", str(run), "--from", str(start), "--no-progress"]) == 2
