@@ -112,6 +112,46 @@ class Perturbation:
         pass
 
 
+def _real(name: str, key: str, value, *, low: float = -math.inf, low_open: bool = False,
+          high: float = math.inf, high_open: bool = False) -> float:
+    """A finite real parameter within its range (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: {key} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        lo = "(" if low_open else "["
+        hi = ")" if high_open or high == math.inf else "]"
+        raise ValueError(f"{name}: {key} must lie in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+    return value
+
+
+def _integer(name: str, key: str, value, *, low: int | None = None, high: int | None = None,
+             optional: bool = False):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: {key} must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}: {key} must lie in [{low}, {'inf)' if high is None else str(high) + ']'}, got {value}")
+    return value
+
+
+def _text(name: str, key: str, value, *, optional: bool = False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name}: {key} must be a name, got {value!r}")
+    return value
+
+
+def _flag(name: str, key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: {key} must be true or false, got {value!r}")
+    return value
+
+
+SALT_MAX = (1 << 63) - 1
+
+
 def _optimizer_state(engine, key: str, what: str):
     found = [state for state in engine.optimizer.state.values() if key in state]
     if not found:
@@ -218,6 +258,13 @@ class SwapOptimizer(Perturbation):
     def _check_values(self):
         if self.values["to"] not in ("SGD", "Adam", "AdamW"):
             raise ValueError(f"swap_optimizer: 'to' must be SGD, Adam or AdamW, got {self.values['to']!r}")
+        if self.values["lr"] is not None:
+            _real(self.name, "lr", self.values["lr"], low=0, low_open=True)
+        if self.values["momentum"] is not None:
+            _real(self.name, "momentum", self.values["momentum"], low=0, high=1, high_open=True)
+        if self.values["weight_decay"] is not None:
+            _real(self.name, "weight_decay", self.values["weight_decay"], low=0)
+        _flag(self.name, "carry", self.values["carry"])
 
     def _new_optimizer(self, engine):
         from . import optim
@@ -345,6 +392,10 @@ class RecomputeBn(Perturbation):
     summary = "recompute BatchNorm statistics with a pass over the training data (cumulative average)"
     params = {"batches": None}
 
+    def _check_values(self):
+        _integer(self.name, "batches", self.values["batches"], low=1, optional=True)
+
+
     @torch.no_grad()
     def apply(self, engine):
         modules = _bn_modules(engine)
@@ -381,6 +432,10 @@ class SwapWindows(Perturbation):
     params = {"a": None, "b": None, "w": 1, "offset": None}
 
     def _check_values(self):
+        for key in ("a", "b"):
+            _integer(self.name, key, self.values[key], low=0, optional=True)
+        _integer(self.name, "offset", self.values["offset"], optional=True)
+        _integer(self.name, "w", self.values["w"], low=1)
         a = self.start if self.values["a"] is None else self.values["a"]
         if (self.values["b"] is None) == (self.values["offset"] is None):
             raise ValueError("swap_windows: give exactly one of b (a step) and offset (b = a + offset)")
@@ -412,6 +467,10 @@ class ShuffleWindow(Perturbation):
     touches = ("order",)
     summary = "shuffle the order of the batches within the window [T, T+W)"
     params = {"salt": 1}
+
+    def _check_values(self):
+        _integer(self.name, "salt", self.values["salt"], low=0, high=SALT_MAX)
+
 
     def _permutation(self, engine) -> list[int]:
         # Its own draw: the order stream's seed at the fork step, salted.
@@ -480,6 +539,11 @@ class InjectExample(Perturbation):
     touches = ("order",)
     summary = "put an example into the batches of the window: replace the first slot, or add it (duplicate=true)"
     params = {"id": ..., "duplicate": False}
+
+    def _check_values(self):
+        _integer(self.name, "id", self.values["id"], low=0)
+        _flag(self.name, "duplicate", self.values["duplicate"])
+
 
     def check(self, engine):
         if not 0 <= self.values["id"] < engine.program.dataset_size():
@@ -606,6 +670,11 @@ class BitFlip(Perturbation):
                "|dw * dF/dw| (F: the eval-mode outputs on the batch of step T, randomly projected) whose flip "
                "changes those outputs bitwise; the chosen target is recorded in the lineage")
     params = {"param": None, "index": None, "bit": 0}
+
+    def _check_values(self):
+        _text(self.name, "param", self.values["param"], optional=True)
+        _integer(self.name, "index", self.values["index"], low=0, optional=True)
+        _integer(self.name, "bit", self.values["bit"], low=0, high=31)
     # How the target was chosen: written by the selection, read back from a child's manifest.
     record: ClassVar[tuple[str, ...]] = ("selected_by", "score", "rank", "outputs_changed")
 
@@ -805,6 +874,12 @@ class WeightNoise(Perturbation):
     summary = "add Gaussian noise of standard deviation `std` to the weights, from its own random stream"
     params = {"std": ..., "param": None, "salt": 1}
 
+    def _check_values(self):
+        _real(self.name, "std", self.values["std"], low=0)
+        _text(self.name, "param", self.values["param"], optional=True)
+        _integer(self.name, "salt", self.values["salt"], low=0, high=SALT_MAX)
+
+
     @torch.no_grad()
     def apply(self, engine):
         seed = engine.contract.seed("init", 0) ^ (0x0015E * int(self.values["salt"])) ^ self.start
@@ -819,6 +894,10 @@ class LrScale(Perturbation):
     name = "lr_scale"
     summary = "multiply the learning rate by `factor` over the window"
     params = {"factor": ...}
+
+    def _check_values(self):
+        _real(self.name, "factor", self.values["factor"], low=0)
+
 
     def begin_step(self, engine, step):
         saved = [group["lr"] for group in engine.optimizer.param_groups]
@@ -839,6 +918,11 @@ class Reseed(Perturbation):
     name = "reseed"
     summary = "re-seed one named random stream from the fork step on (every other stream unchanged)"
     params = {"stream": ..., "salt": 1}
+
+    def _check_values(self):
+        _text(self.name, "stream", self.values["stream"])
+        _integer(self.name, "salt", self.values["salt"], low=0, high=SALT_MAX)
+
 
     @property
     def touches(self):
