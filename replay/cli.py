@@ -18,14 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 from .store import RunDir, RunError
 
 
 def _cmd_record(args) -> int:
+    from .outputs import check_run_out
     from .session import RecordSession
 
+    check_run_out(args.out)
+    _positive("--steps", args.steps)
+    _positive("--checkpoint-every", args.checkpoint_every)
     out = RecordSession(args.program, args.out, seed=args.seed, steps=args.steps,
                         checkpoint_every=args.checkpoint_every,
                         checkpoint_log_spaced=True if args.log_spaced else None,
@@ -130,6 +135,19 @@ def _cmd_fork(args) -> int:
         return 0
     if args.run is None or args.at is None or not args.perturb or args.out is None:
         raise ValueError("replay fork needs RUN, --at, at least one --perturb and --out (or --list)")
+    from .outputs import check_run_out
+
+    check_run_out(args.out)
+    first, last = _recorded_steps(args.run)
+    if not first <= args.at <= last:
+        raise ValueError(f"--at {args.at}: {args.run} has steps {first}..{last}; fork at one of them")
+    _positive("--steps", args.steps)
+    _positive("--window", args.window)
+    if args.until is not None and args.until <= args.at:
+        raise ValueError(f"--until {args.until}: must lie after the fork step {args.at}")
+    end = args.at + args.steps if args.steps is not None else (args.until if args.until is not None else last + 1)
+    if args.window > end - args.at:
+        raise ValueError(f"--window {args.window}: longer than the {end - args.at} steps the child runs")
     session = ForkSession(args.run, args.at, progress=not args.no_progress,
                           allow_source_change=args.allow_source_change,
                           allow_environment_change=args.allow_environment_change)
@@ -141,11 +159,13 @@ def _cmd_fork(args) -> int:
 def _cmd_check(args) -> int:
     from .fork import check
 
-    with RunDir.open(args.run) as run:
-        first = run.manifest.get("first_step", 0)
-        last = run.ledger.last_step()
-    if last is None:
-        raise ValueError(f"{args.run}: no recorded steps")
+    first, last = _recorded_steps(args.run)
+    bad = [t for t in args.at or [] if not first <= t <= last]
+    if bad:
+        raise ValueError(f"--at {' '.join(map(str, bad))}: {args.run} has steps {first}..{last}; "
+                         "a placebo fork must start at one of them")
+    _positive("--steps", args.steps)
+    _positive("--workers", args.workers)
     at = args.at or sorted({first + (last + 1 - first) * k // 4 for k in (1, 2, 3)})
     results = check(args.run, at, steps=args.steps, workers=args.workers)
     failed = 0
@@ -157,6 +177,25 @@ def _cmd_check(args) -> int:
             print(f"placebo fork at step {r['at']}: DIVERGES, state the program does not capture:")
             print("  " + r["divergence"].replace("\n", "\n  "))
     return 1 if failed else 0
+
+
+MAX_STEPS = 10**9  # no run, window or horizon is longer
+
+
+def _positive(flag: str, value) -> None:
+    """A count given on the command line: None (not given) or an integer in [1, MAX_STEPS]."""
+    if value is not None and not 1 <= value <= MAX_STEPS:
+        raise ValueError(f"{flag} {value}: must be a positive number of at most {MAX_STEPS}")
+
+
+def _recorded_steps(run_dir) -> tuple[int, int]:
+    """(first, last) step recorded in a run; ValueError when it has none."""
+    with RunDir.open(run_dir) as run:
+        first = run.manifest.get("first_step", 0)
+        last = run.ledger.last_step()
+    if last is None:
+        raise ValueError(f"{run_dir}: no recorded steps")
+    return first, last
 
 
 def _cmd_tree(args) -> int:
@@ -246,7 +285,12 @@ def print_estimates(results: dict) -> None:
 
 def _cmd_experiment(args) -> int:
     from .experiment import Experiment, ExperimentSpec
+    from .outputs import check_experiment_out
 
+    check_experiment_out(args.out)
+    _positive("--workers", args.workers)
+    if not os.path.isfile(args.spec):
+        raise ValueError(f"{args.spec}: not a file (an experiment spec is a TOML file)")
     results = Experiment(ExperimentSpec.from_toml(args.spec), args.out).run(workers=args.workers,
                                                                              progress=not args.no_progress)
     print_estimates(results)
@@ -255,9 +299,10 @@ def _cmd_experiment(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from .outputs import check_file_out
     from .report import load_results, write_report
 
-    out = args.out or f"{args.dir}/report.html"
+    out = check_file_out(args.out or os.path.join(args.dir, "report.html"), force=args.force)
     html, md = write_report(load_results(args.dir), out)
     print(f"wrote {html} and {md}")
     return 0
@@ -268,7 +313,12 @@ def _cmd_demo(args) -> int:
     from .experiment import Experiment
     from .report import write_report
 
+    from .outputs import check_experiment_out, check_file_out
+
     out = args.out or ("replay-demo-quick" if args.quick else "replay-demo")
+    check_experiment_out(out)
+    check_file_out(os.path.join(out, "report.html"))
+    _positive("--workers", args.workers)
     results = Experiment(demo.spec(quick=args.quick), out).run(workers=args.workers, progress=not args.no_progress)
     print_estimates(results)
     html, md = write_report(results, f"{out}/report.html")
@@ -357,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the HTML (and Markdown) audit report of an experiment")
     p.add_argument("dir")
     p.add_argument("--out", help="default: DIR/report.html")
+    p.add_argument("--force", action="store_true", help="overwrite files that `replay report` did not write")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("demo", help="the digits training-memory demo, end to end (no downloads)")
@@ -368,13 +419,151 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ------------------------------------------------------------------------ error contract ----
+#
+# Exit statuses: 0 done; 1 a negative answer (verify diverged, check found uncaptured state), an
+# error in the user's program (its traceback, then one line), or the machine failed (disk full,
+# out of memory: one line, the run stays resumable); 2 bad input (one line, `replay: error: ...`);
+# 130 interrupted (Ctrl-C; a recording stays resumable). Anything else is a bug in replay and
+# keeps its traceback.
+
+import errno as _errno
+
+_USER_PATH_ERRNOS = {_errno.ENOENT, _errno.EISDIR, _errno.ENOTDIR, _errno.EACCES, _errno.EPERM, _errno.EEXIST,
+                     _errno.ENAMETOOLONG, _errno.ELOOP, _errno.ENOTEMPTY}
+_DISK_FULL_ERRNOS = {_errno.ENOSPC, _errno.EFBIG, getattr(_errno, "EDQUOT", _errno.ENOSPC)}
+
+
+def bad_input_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the input is wrong" (exit 2, one line): the one list.
+
+    ValueError covers validation everywhere (PerturbationRefused, OutputRefused, tomllib's
+    TOMLDecodeError, ProgramReferenceError and SourceChanged are ValueErrors); RunError covers the
+    store and the sessions (CorruptRunError, RunLockedError, RunExistsError, ForkError,
+    ReplayRefused). Imported here, not at the top, so that `replay --help` loads no torch."""
+    from .experiment.probe import ProbeError
+    from .experiment.spec import ExperimentError
+    from ._numerics import NumericsUnavailable
+
+    return (ValueError, RunError, ExperimentError, ProbeError, NumericsUnavailable, ImportError, FileNotFoundError,
+            IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _library_roots() -> tuple[str, ...]:
+    import os
+    import sysconfig
+
+    roots = {os.path.dirname(os.path.abspath(__file__))}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            roots.add(os.path.realpath(path))
+            roots.add(path)
+    return tuple(sorted(roots))
+
+
+def _is_user_file(filename: str | None, roots: tuple[str, ...]) -> bool:
+    import os
+
+    if not filename or filename.startswith("<"):
+        return False
+    real = os.path.realpath(filename)
+    return not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and those it was raised from or while handling."""
+    seen, chain = set(), []
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _user_frames(error: BaseException):
+    """The frames of the traceback that lie in the user's files (not replay, not Python's or a
+    package's), and a SyntaxError in a user file; (frames, syntax_error)."""
+    import traceback
+
+    roots = _library_roots()
+    for e in _chain(error):
+        if isinstance(e, SyntaxError) and _is_user_file(e.filename, roots):
+            return [], e
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if _is_user_file(f.filename, roots)]
+    return frames, None
+
+
+def _raised_by_replay(error: BaseException) -> bool:
+    """Whether the innermost frame of the traceback is replay's own code."""
+    import os
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return bool(frames) and os.path.realpath(frames[-1].filename).startswith(package)
+
+
+def _report_user_error(error: BaseException, frames, syntax: SyntaxError | None) -> None:
+    import traceback
+
+    if syntax is not None:
+        sys.stderr.write("".join(traceback.format_exception_only(type(syntax), syntax)))
+        where = f"{syntax.filename}, line {syntax.lineno}"
+        summary = f"SyntaxError: {syntax.msg}"
+    else:
+        sys.stderr.write("Traceback (the program's frames; replay's own are left out):\n")
+        sys.stderr.write("".join(traceback.format_list(frames)))
+        sys.stderr.write("".join(traceback.format_exception_only(type(error), error)))
+        where = f"{frames[-1].filename}, line {frames[-1].lineno}"
+        summary = f"{type(error).__name__}: {_one_line(error)}"
+    print(f"replay: error in the program ({where}): {summary}", file=sys.stderr)
+
+
+def _error(message: str) -> None:
+    print(f"replay: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RunError, ValueError, FileNotFoundError, ImportError) as error:
-        print(f"replay {args.command}: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        run = getattr(args, "out", None) or getattr(args, "run", None)
+        hint = f"; `replay resume {run}` continues the recording" if args.command in ("record", "resume") and run else ""
+        print(f"replay: interrupted{hint}", file=sys.stderr)
+        return 130
+    except MemoryError as error:
+        _error(f"out of memory{': ' + _one_line(error) if str(error) else ''}; a recording stays resumable "
+               "(`replay resume RUN`) once memory is available")
+        return 1
+    except Exception as error:
+        full = next((e for e in _chain(error) if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS), None)
+        if full is not None:
+            _error(f"the disk is full or a file too large ({_one_line(full)}); nothing recorded is lost: "
+                   "free space, then `replay resume RUN` continues a recording")
+            return 1
+        frames, syntax = _user_frames(error)
+        bad_input = isinstance(error, bad_input_types()) or (
+            isinstance(error, OSError) and error.errno in _USER_PATH_ERRNOS)
+        if bad_input and syntax is None and _raised_by_replay(error):  # e.g. NumericsUnavailable in ctx.optimizer.step()
+            _error(_one_line(error))
+            return 2
+        if frames or syntax is not None:
+            _report_user_error(error, frames, syntax)
+            return 1
+        if bad_input:
+            _error(_one_line(error))
+            return 2
+        raise
 
 
 if __name__ == "__main__":
