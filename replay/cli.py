@@ -291,7 +291,13 @@ def _cmd_experiment(args) -> int:
     _positive("--workers", args.workers)
     if not os.path.isfile(args.spec):
         raise ValueError(f"{args.spec}: not a file (an experiment spec is a TOML file)")
-    results = Experiment(ExperimentSpec.from_toml(args.spec), args.out).run(workers=args.workers,
+    import tomllib
+
+    try:
+        spec = ExperimentSpec.from_toml(args.spec)
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{args.spec}: not valid TOML ({error})") from None
+    results = Experiment(spec, args.out).run(workers=args.workers,
                                                                              progress=not args.no_progress)
     print_estimates(results)
     print(f"results in {args.out}/results.json; `replay report {args.out}` writes the report")

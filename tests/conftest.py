@@ -1,0 +1,99 @@
+"""Shared test helpers: paths, the example programs, a small program written on the fly, and the
+headless Chromium lookup of the render tests. Test files import the plain helpers
+(``from conftest import ...``); fixtures are found by pytest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(HERE) not in sys.path:  # `from conftest import ...` from any test file
+    sys.path.insert(0, str(HERE))
+
+PROGRAMS = HERE / "programs"
+TINY = str(PROGRAMS / "tiny.py") + ":program"  # AdamW, BatchNorm, dropout, EMA, StepLR, augment stream
+QUEUE = str(PROGRAMS / "queue_sgd.py") + ":program"  # SGD with momentum, a queue component
+LEAKY = str(PROGRAMS / "leaky.py") + ":program"  # a Python-level step counter changes the loss
+FORGETFUL = str(PROGRAMS / "forgetful_queue.py") + ":program"  # a queue that forgets its pointer
+
+
+# ------------------------------------------------------------- a program written on the fly ----
+
+_PROGRAM = '''\
+import os, time
+import torch
+import replay
+{prelude}
+
+def model():
+    {model_body}
+    return torch.nn.Linear(4, 2)
+
+
+def step(ctx):
+    {step_prelude}
+    x, y = ctx.batch
+    ctx.optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(ctx.model(x), y)
+    loss.backward()
+    ctx.optimizer.step()
+    return {{"loss": loss}}
+
+
+def probe():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)
+
+
+_g = torch.Generator().manual_seed(0)
+program = replay.Program(model=model,
+                         dataset=(torch.randn(64, 4, generator=_g), torch.randint(0, 2, (64,), generator=_g)),
+                         step=step, optimizer=lambda m: {optimizer},
+                         batch_size=8, steps={steps}, checkpoint_every=5)
+{epilogue}
+'''
+
+
+def write_program(path: Path, *, prelude: str = "", model_body: str = "pass", step_prelude: str = "pass",
+                  optimizer: str = "replay.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)", steps: int = 20,
+                  epilogue: str = "") -> Path:
+    """A small program file (a linear model, SGD with momentum, 64 random examples, batches of 8,
+    checkpoints every 5 steps) with code inserted at the given places; returns its path."""
+    path = Path(path)
+    path.write_text(_PROGRAM.format(prelude=prelude, model_body=model_body, step_prelude=step_prelude,
+                                    optimizer=optimizer, steps=steps, epilogue=epilogue))
+    return path
+
+
+@pytest.fixture
+def program_file(tmp_path):
+    """write_program in this test's tmp_path: program_file("name.py", **changes) -> path."""
+    return lambda name="program.py", **changes: write_program(tmp_path / name, **changes)
+
+
+# ----------------------------------------------------------------------------- chromium ----
+
+
+def find_chromium() -> str | None:
+    """A headless-capable Chromium or Chrome on PATH (or CHROMIUM), else None."""
+    if os.environ.get("CHROMIUM"):
+        return os.environ["CHROMIUM"]
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    found = find_chromium()
+    if found is None:
+        pytest.skip("no Chromium or Chrome on PATH (set CHROMIUM to one)")
+    return found
