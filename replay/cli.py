@@ -138,15 +138,13 @@ def _cmd_fork(args) -> int:
     from .outputs import check_run_out
 
     check_run_out(args.out)
-    first, last = _recorded_steps(args.run)
-    if not first <= args.at <= last:
-        raise ValueError(f"--at {args.at}: {args.run} has steps {first}..{last}; fork at one of them")
+    first, last = _recorded_steps(args.run)  # --at itself is checked by ForkSession (a ForkError)
     _positive("--steps", args.steps)
     _positive("--window", args.window)
     if args.until is not None and args.until <= args.at:
         raise ValueError(f"--until {args.until}: must lie after the fork step {args.at}")
     end = args.at + args.steps if args.steps is not None else (args.until if args.until is not None else last + 1)
-    if args.window > end - args.at:
+    if first <= args.at <= last and args.window > end - args.at:  # (a bad --at: ForkSession says so)
         raise ValueError(f"--window {args.window}: longer than the {end - args.at} steps the child runs")
     session = ForkSession(args.run, args.at, progress=not args.no_progress,
                           allow_source_change=args.allow_source_change,

@@ -136,7 +136,7 @@ def test_numerics_unavailable_inside_the_users_step_is_bad_input(tmp_path, capsy
     (["fork", "{run}", "--at", "5", "--perturb", "placebo", "--window", str(10**12), "--out", "{tmp}/c"], "--window"),
     (["fork", "{run}", "--at", "5", "--perturb", "placebo", "--window", "16", "--out", "{tmp}/c"], "--window 16"),
     (["fork", "{run}", "--at", "5", "--perturb", "placebo", "--window", "0", "--out", "{tmp}/c"], "--window 0"),
-    (["fork", "{run}", "--at", "-1", "--perturb", "placebo", "--out", "{tmp}/c"], "--at -1"),
+    (["fork", "{run}", "--at", "-1", "--perturb", "placebo", "--out", "{tmp}/c"], "step -1"),
     (["fork", "{run}", "--at", "5", "--perturb", "placebo", "--until", "3", "--out", "{tmp}/c"], "--until 3"),
     (["fork", "{run}", "--at", "5", "--perturb", "nosuch", "--out", "{tmp}/c"], "nosuch"),
     (["record", "{program}:program", "--steps", "-1", "--out", "{tmp}/r"], "--steps -1"),
