@@ -45,11 +45,10 @@ def marked_run(tmp_path):
 
 
 def set_program(run: Path, **changes) -> None:
-    """Edit the manifest's program entry as a hostile user would (behind the store's back)."""
-    path = run / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["program"].update(changes)
-    path.write_text(json.dumps(manifest))
+    """Point the manifest at other code, as a hostile user would: through the run's own writer,
+    so that the manifest stays consistent with everything the store checks."""
+    with RunDir.open(run, writable=True) as r:
+        r.update_manifest({"program": {**r.manifest["program"], **changes}})
 
 
 def all_commands(run: Path):

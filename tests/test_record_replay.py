@@ -91,9 +91,9 @@ def test_verify_names_the_divergent_step_and_tensors(tmp_path):
 
 def test_changed_environment_is_refused_unless_allowed(tmp_path):
     out = record(tmp_path)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["environment"]["threads"] += 7
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    with RunDir.open(out, writable=True) as run:  # through the writer: the ledger records the manifest's digest
+        environment = run.manifest["environment"]
+        run.update_manifest({"environment": {**environment, "threads": environment["threads"] + 7}})
     with pytest.raises(ReplayRefused, match="threads"):
         ReplaySession(out).verify(progress=False)
     assert ReplaySession(out, allow_environment_change=True).verify(progress=False).ok
