@@ -64,11 +64,11 @@ class ForkSession:
         writable = allow_source_change or allow_environment_change
         with RunDir.open(self.parent, writable=writable) as run:
             self.manifest = run.manifest
-            self.program, self._sha256 = load_run_program(run, allow_source_change, allow_environment_change, "fork")
             first = self.manifest.get("first_step", 0)
             last = run.ledger.last_step()
             if last is None or not first <= at <= last + 1:
                 raise ForkError(f"cannot fork {self.parent} at step {at}: it recorded steps {first}..{last}")
+            self.program, self._sha256 = load_run_program(run, allow_source_change, allow_environment_change, "fork")
             restored = run.latest_checkpoint_at_or_before(at)
             if restored is None:
                 raise ForkError(f"{self.parent}: no checkpoint at or before step {at}")
