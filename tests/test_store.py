@@ -58,6 +58,30 @@ ATOMIC_PY = os.path.join(REPO, "replay", "store", "atomic.py")
 # --------------------------------------------------------------------------- helpers ----
 
 
+
+def write_manifest_as_writer(run_path, data: bytes) -> None:
+    """Replace a run's manifest and its digest in the ledger, as a writer would."""
+    (run_path / "manifest.json").write_bytes(data)
+    conn = sqlite3.connect(run_path / "ledger.sqlite", isolation_level=None)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'manifest_sha256'", (sha256_bytes(data),))
+    conn.close()
+
+
+def M(**extra) -> dict:
+    """A minimal valid run manifest (the keys replay.driver writes; the store adds status and
+    store_version), with ``extra`` keys merged in."""
+    return {
+        "format": "replay.run", "version": 1, "run_id": "ab" * 16, "first_step": 0, "steps": 10,
+        "seed": 3, "program": {"reference": "mod:prog", "sha256": "0" * 64},
+        "batch_size": 4, "dataset_size": 16, "environment": {"torch": "x"},
+        "rng": {"version": 1, "run_seed": 3, "streams": ["init", "order", "augment", "dropout"], "reseeds": {}},
+        "order": {"name": "reshuffle", "dataset_size": 16, "batch_size": 4},
+        "checkpoints": {"every": 5, "log_spaced": False, "counts": [0, 5, 10]},
+        "optimizer": {"class": "replay.optim.adam.AdamW", "replay_kernel": True, "numerics": "portable"},
+        **extra,
+    }
+
+
 def fbits(x: float) -> int:
     return struct.unpack("<Q", struct.pack("<d", x))[0]
 
@@ -800,7 +824,7 @@ def test_ledger_epochs_checkpoints_events(tmp_path):
         led.add_event("resume", {"from": 3, "why": ["crash"]})
         led.add_event("env-override", {})
         with pytest.raises(ValueError):
-            led.add_event("bad", {"x": float("nan")})
+            led.add_event("bad", M(x=float("nan")))
         ev = led.events()
         assert [e["kind"] for e in ev] == ["resume", "env-override"]
         assert ev[0]["detail"] == {"from": 3, "why": ["crash"]}
@@ -885,10 +909,9 @@ def test_damaged_ledger_is_named(tmp_path, damage, writable):
 
 def test_run_create_open_manifest(tmp_path):
     path = tmp_path / "runs" / "r1"  # parents are created
-    with RunDir.create(path, {"program": "mod:prog", "seed": 3}) as run:
+    with RunDir.create(path, M(seed=3)) as run:
         assert run.writable and run.path == str(path)
-        assert run.manifest == {"program": "mod:prog", "seed": 3, "status": "incomplete",
-                                "store_version": 1}
+        assert run.manifest == {**M(seed=3), "status": "incomplete", "store_version": 1}
         assert not run.is_complete
         names = set(os.listdir(path)) - {"ledger.sqlite-wal", "ledger.sqlite-shm"}  # WAL, while open
         assert names == {".lock", "checkpoints", "ledger.sqlite", "manifest.json"}
@@ -917,18 +940,18 @@ def test_run_create_refuses_existing(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(RunExistsError):
-        RunDir.create(tmp_path / "full", {})
+        RunDir.create(tmp_path / "full", M())
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunExistsError):
-        RunDir.create(tmp_path / "file", {})
-    RunDir.create(tmp_path / "r", {}).close()
+        RunDir.create(tmp_path / "file", M())
+    RunDir.create(tmp_path / "r", M()).close()
     with pytest.raises(RunExistsError):
-        RunDir.create(tmp_path / "r", {})
+        RunDir.create(tmp_path / "r", M())
     (tmp_path / "empty").mkdir()
-    RunDir.create(tmp_path / "empty", {"ok": True}).close()  # an empty folder is fine
+    RunDir.create(tmp_path / "empty", M(ok=True)).close()  # an empty folder is fine
     assert RunDir.open(tmp_path / "empty").manifest["ok"] is True
     with pytest.raises(ValueError):
-        RunDir.create(tmp_path / "nan", {"x": float("nan")})
+        RunDir.create(tmp_path / "nan", M(x=float("nan")))
     assert not (tmp_path / "nan").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
 
@@ -939,7 +962,7 @@ def test_run_open_errors(tmp_path):
     (tmp_path / "notrun").mkdir()
     with pytest.raises(RunError, match="no manifest.json"):
         RunDir.open(tmp_path / "notrun")
-    RunDir.create(tmp_path / "r", {}).close()
+    RunDir.create(tmp_path / "r", M()).close()
     manifest = tmp_path / "r" / "manifest.json"
     good = manifest.read_bytes()
     for bad in [b"{not json", b"[1, 2]", b'{"status": "weird", "store_version": 1}',
@@ -948,17 +971,19 @@ def test_run_open_errors(tmp_path):
         with pytest.raises(CorruptRunError) as info:
             RunDir.open(tmp_path / "r")
         assert info.value.path == str(manifest)
-    manifest.write_bytes(b'{"status": "complete", "store_version": 2}')
-    with pytest.raises(RunError, match="newer"):
+    newer = json.dumps({**M(), "status": "complete", "store_version": 2}).encode()
+    write_manifest_as_writer(tmp_path / "r", newer)  # as a newer replay would
+    with pytest.raises(RunError, match=r"written by a newer replay \(format 2\); this is format 1: upgrade"):
         RunDir.open(tmp_path / "r")
-    manifest.write_bytes(good)
+    write_manifest_as_writer(tmp_path / "r", good)
+    RunDir.open(tmp_path / "r").close()
     os.rmdir(tmp_path / "r" / "checkpoints")
     with pytest.raises(CorruptRunError, match="checkpoints"):
         RunDir.open(tmp_path / "r")
 
 
 def test_run_checkpoints(tmp_path):
-    with RunDir.create(tmp_path / "r", {}) as run:
+    with RunDir.create(tmp_path / "r", M()) as run:
         for s in (0, 4, 8):
             run.save_checkpoint(s, sample_state(s))
         assert run.checkpoint_steps() == [0, 4, 8]
@@ -994,7 +1019,7 @@ def test_run_checkpoints(tmp_path):
 def test_run_checkpoint_corruption_and_pickles(tmp_path, bomb, no_unpickling):
     marker, payload = bomb
     path = tmp_path / "r"
-    with RunDir.create(path, {}) as run:
+    with RunDir.create(path, M()) as run:
         run.save_checkpoint(2, sample_state(2))
     folder = path / "checkpoints" / "step-00000002"
     (folder / "weights.pkl").write_bytes(payload)
@@ -1015,7 +1040,7 @@ def test_run_checkpoint_corruption_and_pickles(tmp_path, bomb, no_unpickling):
 @pytest.mark.parametrize("damage", ["junk_page_middle", "truncate_half", "random_file"])
 def test_run_with_damaged_ledger_is_named(tmp_path, damage):
     path = tmp_path / "r"
-    with RunDir.create(path, {}) as run:
+    with RunDir.create(path, M()) as run:
         run.ledger.append_steps([make_row(s) for s in range(300)])
     ledger = path / "ledger.sqlite"
     LEDGER_DAMAGE[damage](ledger, os.path.getsize(ledger))
@@ -1032,7 +1057,7 @@ def test_run_with_damaged_ledger_is_named(tmp_path, damage):
 
 def test_run_lock_same_process(tmp_path):
     path = tmp_path / "r"
-    run = RunDir.create(path, {})
+    run = RunDir.create(path, M())
     with pytest.raises(RunLockedError) as info:
         RunDir.open(path, writable=True)
     assert info.value.pid == os.getpid()
@@ -1082,7 +1107,7 @@ else:  # hold
 def test_run_lock_across_processes(tmp_path):
     child = python_child(tmp_path, "lock_child.py", LOCK_CHILD)
     path = tmp_path / "r"
-    run = RunDir.create(path, {})
+    run = RunDir.create(path, M())
     proc = subprocess.Popen([sys.executable, child, str(path), "try-twice"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=child_env())
     try:
@@ -1110,14 +1135,14 @@ def test_run_lock_across_processes(tmp_path):
 
 
 RECORD_CHILD = """
-import sys, torch
+import json, sys, torch
 from replay.store import RunDir, StepRow
 
 def state(step):
     g = torch.Generator().manual_seed(step)
     return {"step": step, "w": torch.randn(256, 512, generator=g), "t": (step, step / 3)}
 
-run = RunDir.create(sys.argv[1], {"program": "crash-test"})
+run = RunDir.create(sys.argv[1], json.loads(sys.argv[2]))
 step = 0
 while True:
     run.ledger.append_step(StepRow(step, 0, [step], "h", step / 7, None, {},
@@ -1139,7 +1164,7 @@ def test_recording_killed_at_random_leaves_a_consistent_run(tmp_path):
     rng = random.Random(7)
     for i in range(3):
         path = tmp_path / f"run{i}"
-        proc = subprocess.Popen([sys.executable, child, str(path)], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, child, str(path), json.dumps(M())], stdout=subprocess.PIPE,
                                 text=True, env=child_env())
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, 0.4))

@@ -11,6 +11,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..perturb import from_spec
+from ..store.schema import MAX_SEED, MAX_STEPS, Int, List, SchemaError, Str, check, check_json_limits
+
+# Limits of a spec (replay.store.schema checks them before anything else is looked at).
+MAX_SEEDS = 10_000
+MAX_FORK_STEPS = 10_000
+MAX_HORIZONS = 10_000
+MAX_ARMS = 1_000
+SPEC = "experiment spec"
 
 # The observables an experiment can estimate (replay.experiment.probe computes them with
 # replay.estimands). Signed ones are differences of a metric, not distances.
@@ -74,7 +82,36 @@ class ExperimentSpec:
     bootstrap_resamples: int = 2000
     alpha: float = 0.05
 
+    def _check_limits(self) -> None:
+        """Sizes, ranges and nesting first (replay.store.schema): a spec with a billion seeds,
+        a step beyond MAX_STEPS or a deeply nested probe is refused in one line (SchemaError,
+        a ValueError naming the key) before anything is allocated for it."""
+        check(self.seeds, List(Int(0, MAX_SEED), max_len=MAX_SEEDS), SPEC, "seeds")
+        check(self.fork_steps, List(Int(0, MAX_STEPS), max_len=MAX_FORK_STEPS), SPEC, "fork_steps")
+        check(self.horizons, List(Int(0, MAX_STEPS), max_len=MAX_HORIZONS), SPEC, "horizons")
+        check(self.program, Str(4096, nonempty=True), SPEC, "program")
+        check(self.name, Str(256, nonempty=True), SPEC, "name")
+        check(self.primary_distance, Str(64), SPEC, "primary_distance")
+        if self.steps is not None:
+            check(self.steps, Int(1, MAX_STEPS), SPEC, "steps")
+        if self.primary_horizon is not None:
+            check(self.primary_horizon, Int(0, MAX_STEPS), SPEC, "primary_horizon")
+        if self.distances is not None:
+            check(self.distances, List(Str(64), max_len=100), SPEC, "distances")
+        if not isinstance(self.arms, list) or len(self.arms) > MAX_ARMS:
+            shown = len(self.arms) if isinstance(self.arms, list) else type(self.arms).__name__
+            raise SchemaError(SPEC, "arms", f"must be a list of at most {MAX_ARMS} arms, found {shown}")
+        for i, arm in enumerate(self.arms):
+            raw = asdict(arm) if isinstance(arm, Arm) else arm
+            if not isinstance(raw, dict):
+                continue  # Arm(**arm) says what is wrong with it
+            check_json_limits(raw, SPEC, "spec")
+            if isinstance(raw.get("window"), int):
+                check(raw["window"], Int(1, MAX_STEPS), SPEC, f"arms[{i}].window")
+        check_json_limits(self.probe, SPEC, "spec")
+
     def __post_init__(self):
+        self._check_limits()
         if not isinstance(self.probe, dict) or not isinstance(self.probe.get("source"), str):
             raise ValueError("probe needs a 'source': 'module:callable' returning (inputs, labels)")
         layer = self.probe.get("layer")
@@ -127,7 +164,15 @@ class ExperimentSpec:
         import tomllib
 
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read((1 << 20) + 1)
+        if len(raw) > 1 << 20:
+            raise SchemaError(path, "", "larger than the 1 MiB an experiment spec may be")
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except RecursionError:
+            raise SchemaError(path, "", "nested too deeply") from None
+        except UnicodeDecodeError as error:
+            raise SchemaError(path, "", f"not UTF-8 text: {error}") from None
         base = Path(path).resolve().parent
         # File references (programs, the probe source) are relative to the spec file's folder.
         holders = [(data, "program")] + [(arm, "program") for arm in data.get("arms", []) if isinstance(arm, dict)]
@@ -143,6 +188,8 @@ class ExperimentSpec:
             return cls(**data)
         except TypeError as error:  # unknown or missing keys: one line, not a traceback
             raise ValueError(f"{path}: {error}") from None
+        except SchemaError as error:  # name the file, not "experiment spec"
+            raise SchemaError(path, error.key, error.detail) from None
 
     def to_json(self) -> dict:
         return asdict(self)

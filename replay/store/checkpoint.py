@@ -33,6 +33,8 @@ from safetensors.torch import save as save_safetensors_bytes
 from .atomic import TEMP_PREFIX, fsync_dir, sha256_bytes
 from .encode import flatten_state, unflatten_state
 from .errors import CorruptRunError
+from .paths import SymlinkError, inside, no_link, read_nofollow
+from .schema import check_checkpoint_state, load_json
 
 __all__ = [
     "STATE_FILE",
@@ -106,6 +108,8 @@ def write_checkpoint(checkpoints_dir: str | os.PathLike, step: int, state) -> di
     """
     name = step_folder_name(step)
     checkpoints_dir = os.fspath(checkpoints_dir)
+    no_link(checkpoints_dir)  # never write through a linked checkpoints/ (or step folder)
+    no_link(os.path.join(checkpoints_dir, name))
     skeleton, tensors = flatten_state(state)
     state_bytes = (
         json.dumps(skeleton, indent=1, sort_keys=False, allow_nan=False, ensure_ascii=True) + "\n"
@@ -154,8 +158,9 @@ def write_checkpoint(checkpoints_dir: str | os.PathLike, step: int, state) -> di
 
 def _read_verified(path: str, expected_sha256: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_nofollow(path)
+    except SymlinkError:
+        raise
     except FileNotFoundError:
         raise CorruptRunError(path, "missing (the ledger records this checkpoint file)") from None
     except OSError as e:
@@ -178,15 +183,22 @@ def read_checkpoint(checkpoints_dir: str | os.PathLike, step: int, expected: dic
     is missing, its hash differs (flipped bytes, truncation, substitution), or it does not parse.
     Files in the folder that ``expected`` does not name are never opened.
     """
-    folder = os.path.join(os.fspath(checkpoints_dir), step_folder_name(step))
+    folder = inside(os.fspath(checkpoints_dir), step_folder_name(step))
+    no_link(checkpoints_dir)
     if not isinstance(expected, dict) or not all(f in expected for f in CHECKPOINT_FILES):
         raise CorruptRunError(folder, f"the recorded file hashes are incomplete: {expected!r}")
-    if not os.path.isdir(folder):
+    if not no_link(folder) or not os.path.isdir(folder):
         raise CorruptRunError(folder, "missing: the ledger records this checkpoint")
     data = {}
     for fname in CHECKPOINT_FILES:
         data[fname] = _read_verified(os.path.join(folder, fname), expected[fname])
 
+    state_path = os.path.join(folder, STATE_FILE)
+    # Size, depth, strict JSON; then the engine checkpoint's format (a newer one is refused),
+    # keys and completed_steps == step (the step of the folder name and of the ledger record).
+    skeleton = load_json(data[STATE_FILE], state_path, "checkpoint")
+    check_checkpoint_state(skeleton, state_path, step)
+    del data[STATE_FILE]
     tensors_path = os.path.join(folder, TENSORS_FILE)
     try:
         loaded = load_safetensors_bytes(data[TENSORS_FILE])  # safetensors: never pickle
@@ -197,11 +209,6 @@ def read_checkpoint(checkpoints_dir: str | os.PathLike, step: int, expected: dic
     del data[TENSORS_FILE]
     tensors = {k: v.clone() for k, v in loaded.items()}
     del loaded
-    state_path = os.path.join(folder, STATE_FILE)
-    try:
-        skeleton = json.loads(data[STATE_FILE].decode("utf-8"))
-    except ValueError as e:  # includes UnicodeDecodeError and JSONDecodeError
-        raise CorruptRunError(state_path, f"not valid JSON: {e}") from None
     try:
         return unflatten_state(skeleton, tensors)
     except ValueError as e:

@@ -3,7 +3,9 @@
 Tables (every value that must be exact is stored as text, so SQLite's signed 64-bit INTEGER and
 lossy REAL never touch it)::
 
-    meta(key TEXT PRIMARY KEY, value TEXT)          format marker and version
+    meta(key TEXT PRIMARY KEY, value TEXT)          format marker and version; the manifest's
+                                                    SHA-256 ("manifest_sha256", and
+                                                    "manifest_sha256_next" while it is rewritten)
     steps(step INTEGER PRIMARY KEY, epoch INTEGER, batch_ids TEXT,  -- JSON list of ints
           batch_hash TEXT, loss TEXT, lr TEXT,      -- float_to_text, NULL for None
           metrics TEXT,                             -- JSON {name: float_to_text}
@@ -36,6 +38,7 @@ from urllib.parse import quote
 
 from .encode import float_from_text, float_to_text
 from .errors import CorruptRunError, RunError, RunExistsError
+from .paths import no_link
 
 __all__ = ["Ledger", "StepRow"]
 
@@ -209,6 +212,7 @@ class Ledger:
     def create(cls, path: str | os.PathLike) -> Ledger:
         """Create a new, empty ledger at ``path`` (RunExistsError if the file exists)."""
         path = os.fspath(path)
+        _no_links(path)
         if os.path.lexists(path):
             raise RunExistsError(f"{path}: a ledger already exists here")
         with _sqlite_errors(path):
@@ -238,6 +242,7 @@ class Ledger:
         when the file is missing, not a database, damaged, or not a replay ledger.
         """
         path = os.fspath(path)
+        _no_links(path)
         if not os.path.isfile(path):
             raise CorruptRunError(path, "the ledger file is missing")
         with _sqlite_errors(path):
@@ -408,6 +413,29 @@ class Ledger:
             out[step] = self._decode(f"checkpoint record of step {step}", _str_dict, files)
         return out
 
+    # ------------------------------------------------------------------ manifest ---
+
+    def manifest_digests(self) -> tuple[str | None, str | None]:
+        """(recorded, pending) SHA-256 of the run's manifest: ``recorded`` is None for a run
+        written before digests were recorded; ``pending`` is set only while (or if a crash
+        interrupted) a rewrite of the manifest."""
+        meta = dict(self._query(
+            "SELECT key, value FROM meta WHERE key IN ('manifest_sha256', 'manifest_sha256_next')"))
+        return meta.get("manifest_sha256"), meta.get("manifest_sha256_next")
+
+    def record_manifest_digest(self, sha256: str, pending: bool = False) -> None:
+        """Record the manifest's SHA-256: ``pending=True`` before the manifest file is replaced
+        (so a crash between the two leaves a digest that matches either file), then
+        ``pending=False`` once it is."""
+        if not isinstance(sha256, str) or len(sha256) != 64:
+            raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
+        with self._write() as conn:
+            if pending:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('manifest_sha256_next', ?)", (sha256,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('manifest_sha256', ?)", (sha256,))
+                conn.execute("DELETE FROM meta WHERE key = 'manifest_sha256_next'")
+
     # ------------------------------------------------------------------ events -----
 
     def add_event(self, kind: str, detail: dict) -> None:
@@ -465,10 +493,22 @@ def _check(path: str, conn: sqlite3.Connection) -> None:
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     if meta.get("format") != _FORMAT:
         raise CorruptRunError(path, f"not a replay ledger (format {meta.get('format')!r})")
-    if meta.get("version") != str(_VERSION):
+    version = meta.get("version")
+    if version != str(_VERSION):
+        if isinstance(version, str) and version.isdigit() and len(version) < 10 and int(version) > _VERSION:
+            from .schema import NewerFormatError
+
+            raise NewerFormatError(path, "ledger", int(version), _VERSION)
         raise CorruptRunError(
-            path, f"ledger version {meta.get('version')!r}; this replay reads version {_VERSION}"
+            path, f"ledger version {version!r}; this replay reads version {_VERSION}"
         )
+
+
+def _no_links(path: str) -> None:
+    """The ledger and SQLite's companion files must not be symbolic links (SQLite would
+    follow them, reading or writing outside the run)."""
+    for p in (path, path + "-wal", path + "-shm", path + "-journal"):
+        no_link(p)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,23 @@
 Nothing in a run is ever unpickled or executed: JSON, SQLite and safetensors only.
 
 The store owns two manifest keys: ``status`` (``"incomplete"`` or ``"complete"``) and
-``store_version`` (the run layout's version, 1). Everything else in the manifest belongs to
-the caller.
+``store_version`` (the run layout's version, 1). The rest is the run manifest that
+``replay.driver`` builds; every manifest written or read is checked against ``schema.MANIFEST``
+(types, ranges, required keys, size and depth limits), and one written by a newer replay is
+refused ("written by a newer replay (format N); this is format M: upgrade").
+
+Manifest integrity. The writer records the manifest's SHA-256 in the ledger's ``meta`` table
+when it creates the run and on every update (``manifest_sha256``; ``manifest_sha256_next`` is
+set first, so a crash between the ledger and the file leaves a digest that matches whichever
+file is on disk). Every read of the manifest compares the file with it, so an edit, even one
+flipped byte in a key, is refused naming the file. A run written before digests were recorded
+(its ledger has none) is still read, validated by the schema, and reports
+``manifest_digest_recorded == False`` (``replay inspect`` can flag it); its writer records the
+digest at its next manifest update.
+
+Symbolic links: nothing below the run root is followed (see ``paths.py``); a link in place of
+the manifest, the ledger, ``checkpoints/``, a checkpoint folder or file, or the lock file is
+refused with SymlinkError, for reading and for writing.
 
 Writers take ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``.lock`` for the RunDir's lifetime; a second
 writer, in this process or another, gets RunLockedError at once. The kernel drops the lock when
@@ -29,7 +44,7 @@ import os
 import secrets
 import shutil
 
-from .atomic import TEMP_PREFIX, atomic_write_json, fsync_dir, json_bytes
+from .atomic import TEMP_PREFIX, atomic_write_bytes, fsync_dir, json_bytes, sha256_bytes
 from .checkpoint import (
     checkpoint_steps,
     read_checkpoint,
@@ -39,6 +54,8 @@ from .checkpoint import (
 )
 from .errors import CorruptRunError, RunError, RunExistsError, RunLockedError
 from .ledger import Ledger
+from .paths import SymlinkError, inside, no_link, read_nofollow
+from .schema import check_manifest, load_json
 
 __all__ = ["CHECKPOINTS", "LEDGER", "LOCK", "MANIFEST", "STORE_VERSION", "RunDir"]
 
@@ -54,8 +71,10 @@ def _take_lock(folder: str) -> int:
     """flock ``folder/.lock`` exclusively (non-blocking) and write our pid; return the fd."""
     lock_path = os.path.join(folder, LOCK)
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SymlinkError(lock_path) from None
         raise RunError(f"{lock_path}: cannot open the write lock: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -86,36 +105,46 @@ def _release_lock(fd: int) -> None:
         os.close(fd)
 
 
-def _read_manifest(folder: str) -> dict:
-    path = os.path.join(folder, MANIFEST)
+def _manifest_bytes(folder: str) -> bytes:
+    path = inside(folder, MANIFEST)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        return read_nofollow(path)
     except FileNotFoundError:
         raise CorruptRunError(path, "missing") from None
+    except SymlinkError:
+        raise
     except OSError as e:
         raise CorruptRunError(path, f"cannot be read: {e.strerror or e}") from None
 
-    def no_constants(name):
-        raise ValueError(f"non-standard JSON constant {name}")
 
-    try:
-        obj = json.loads(data.decode("utf-8"), parse_constant=no_constants)
-    except ValueError as e:
-        raise CorruptRunError(path, f"not valid JSON: {e}") from None
-    if type(obj) is not dict:
-        raise CorruptRunError(path, f"not a JSON object (found {type(obj).__name__})")
-    if obj.get("status") not in _STATUSES:
-        raise CorruptRunError(path, f"status must be one of {_STATUSES}, found {obj.get('status')!r}")
-    version = obj.get("store_version")
-    if type(version) is not int:
-        raise CorruptRunError(path, f"store_version must be an int, found {version!r}")
-    if version > STORE_VERSION:
-        raise RunError(
-            f"{path}: run layout version {version} is newer than this replay reads "
-            f"({STORE_VERSION}); upgrade replay"
-        )
+def _parse_manifest(path: str, data: bytes) -> dict:
+    """Parse and validate manifest bytes (SchemaError / NewerFormatError naming ``path``)."""
+    obj = load_json(data, path, "manifest")
+    check_manifest(obj, path, STORE_VERSION)
     return obj
+
+
+def _read_manifest(folder: str, ledger: Ledger | None = None) -> dict:
+    """The manifest of the run at ``folder``, checked against the digest ``ledger`` records
+    (when it records one) and validated."""
+    path = os.path.join(folder, MANIFEST)
+    data = _manifest_bytes(folder)
+    manifest = _parse_manifest(path, data)  # what is wrong with it first, then whether it was edited
+    if ledger is not None:
+        recorded, pending = ledger.manifest_digests()
+        if recorded is not None and sha256_bytes(data) not in (recorded, pending):
+            raise CorruptRunError(
+                path,
+                f"SHA-256 mismatch: {LEDGER} records {recorded}, the file hashes to "
+                f"{sha256_bytes(data)}; the manifest was edited or damaged after its writer wrote it",
+            )
+    return manifest
+
+
+def _check_layout(path: str) -> None:
+    """No entry of the run layout is a symbolic link (SymlinkError naming it)."""
+    for name in (MANIFEST, LEDGER, CHECKPOINTS, LOCK):
+        no_link(os.path.join(path, name))
 
 
 class RunDir:
@@ -146,9 +175,10 @@ class RunDir:
         if "store_version" in manifest and manifest["store_version"] != STORE_VERSION:
             raise ValueError("manifest key 'store_version' is reserved for the run store")
         manifest = {**manifest, "status": "incomplete", "store_version": STORE_VERSION}
-        json_bytes(manifest)  # TypeError / ValueError now, before anything is made
-
+        data = json_bytes(manifest)  # TypeError / ValueError now, before anything is made
         path = os.path.abspath(os.fspath(path))
+        _parse_manifest(os.path.join(path, MANIFEST), data)  # never write what a reader refuses
+
         if os.path.lexists(path) and not (
             os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
         ):
@@ -160,8 +190,9 @@ class RunDir:
         lock_fd = None
         try:
             lock_fd = _take_lock(tmp)  # the flock follows the inode through the rename
-            atomic_write_json(os.path.join(tmp, MANIFEST), manifest)
-            Ledger.create(os.path.join(tmp, LEDGER)).close()
+            atomic_write_bytes(os.path.join(tmp, MANIFEST), data)
+            with Ledger.create(os.path.join(tmp, LEDGER)) as new_ledger:
+                new_ledger.record_manifest_digest(sha256_bytes(data))
             os.mkdir(os.path.join(tmp, CHECKPOINTS))
             fsync_dir(os.path.join(tmp, CHECKPOINTS))
             fsync_dir(tmp)
@@ -192,20 +223,21 @@ class RunDir:
             raise RunError(f"{path}: no run directory here")
         if not os.path.lexists(os.path.join(path, MANIFEST)):
             raise RunError(f"{path}: not a replay run (no {MANIFEST})")
+        _check_layout(path)
         lock_fd = _take_lock(path) if writable else None
         try:
-            _read_manifest(path)
             checkpoints_dir = os.path.join(path, CHECKPOINTS)
             if not os.path.isdir(checkpoints_dir):
                 raise CorruptRunError(checkpoints_dir, "missing: every run has a checkpoints folder")
             ledger = Ledger.open(os.path.join(path, LEDGER), writable=writable)
-            if writable:
-                try:
+            try:
+                _read_manifest(path, ledger)
+                if writable:
                     remove_stale_temporaries(checkpoints_dir)
                     _remove_temp_files(path)
-                except BaseException:
-                    ledger.close()
-                    raise
+            except BaseException:
+                ledger.close()
+                raise
         except BaseException:
             if lock_fd is not None:
                 _release_lock(lock_fd)
@@ -262,8 +294,15 @@ class RunDir:
 
     @property
     def manifest(self) -> dict:
-        """The manifest as on disk now (a fresh dict each time; edit it via update_manifest)."""
-        return _read_manifest(self._path)
+        """The manifest as on disk now (a fresh dict each time; edit it via update_manifest),
+        checked against the digest the ledger records and validated."""
+        return _read_manifest(self._path, self._ledger)
+
+    @property
+    def manifest_digest_recorded(self) -> bool:
+        """False for a run written before the manifest's SHA-256 was recorded in its ledger:
+        its manifest is validated but an edit to it cannot be detected."""
+        return self._ledger.manifest_digests()[0] is not None
 
     @property
     def is_complete(self) -> bool:
@@ -286,7 +325,13 @@ class RunDir:
         if "store_version" in changes and changes["store_version"] != STORE_VERSION:
             raise ValueError("manifest key 'store_version' is reserved for the run store")
         manifest = {**self.manifest, **changes}
-        atomic_write_json(os.path.join(self._path, MANIFEST), manifest)
+        data = json_bytes(manifest)
+        path = inside(self._path, MANIFEST)
+        _parse_manifest(path, data)
+        digest = sha256_bytes(data)
+        self._ledger.record_manifest_digest(digest, pending=True)
+        atomic_write_bytes(path, data)
+        self._ledger.record_manifest_digest(digest)
         return manifest
 
     def mark_complete(self) -> None:
@@ -317,7 +362,14 @@ class RunDir:
         if files is None:
             folder = os.path.join(self.checkpoints_dir, step_folder_name(step))
             raise CorruptRunError(folder, f"no checkpoint of step {step} is recorded in {LEDGER}")
-        return read_checkpoint(self.checkpoints_dir, step, files)
+        state = read_checkpoint(self.checkpoints_dir, step, files)
+        first = self.manifest.get("first_step", 0)
+        if step != first and self._ledger.last_step() is not None and self._ledger.step_row(step - 1) is None:
+            folder = os.path.join(self.checkpoints_dir, step_folder_name(step))
+            raise CorruptRunError(
+                folder, f"the checkpoint of step {step} has no ledger row of step {step - 1} before it "
+                "(a checkpoint is recorded only after the rows it follows)")
+        return state
 
     def checkpoint_steps(self) -> list[int]:
         """Steps with a recorded checkpoint, ascending."""
@@ -335,9 +387,10 @@ class RunDir:
         a partial ``step-*`` folder)."""
         self._need_writable("truncate")
         self._ledger.truncate_after(step, keep_checkpoint=keep_checkpoint)
+        no_link(self.checkpoints_dir)
         for s in checkpoint_steps(self.checkpoints_dir):
             if s > step and s != keep_checkpoint:
-                src = os.path.join(self.checkpoints_dir, step_folder_name(s))
+                src = inside(self.checkpoints_dir, step_folder_name(s))
                 dst = os.path.join(
                     self.checkpoints_dir, f"{TEMP_PREFIX}del-{step_folder_name(s)}-{secrets.token_hex(8)}"
                 )
