@@ -226,6 +226,7 @@ class RunDir:
         _check_layout(path)
         lock_fd = _take_lock(path) if writable else None
         try:
+            _read_manifest(path)  # what is wrong with the manifest first
             checkpoints_dir = os.path.join(path, CHECKPOINTS)
             if not os.path.isdir(checkpoints_dir):
                 raise CorruptRunError(checkpoints_dir, "missing: every run has a checkpoints folder")
@@ -386,8 +387,11 @@ class RunDir:
         folders (each renamed to a temporary name before it is deleted, so a crash never leaves
         a partial ``step-*`` folder)."""
         self._need_writable("truncate")
-        self._ledger.truncate_after(step, keep_checkpoint=keep_checkpoint)
         no_link(self.checkpoints_dir)
+        for entry in os.scandir(self.checkpoints_dir):  # refuse before anything is forgotten
+            if entry.name.startswith("step-") and entry.is_symlink():
+                raise SymlinkError(entry.path)
+        self._ledger.truncate_after(step, keep_checkpoint=keep_checkpoint)
         for s in checkpoint_steps(self.checkpoints_dir):
             if s > step and s != keep_checkpoint:
                 src = inside(self.checkpoints_dir, step_folder_name(s))
