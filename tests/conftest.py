@@ -79,21 +79,28 @@ def program_file(tmp_path):
 
 # ----------------------------------------------------------------------------- chromium ----
 
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
 
 def find_chromium() -> str | None:
-    """A headless-capable Chromium or Chrome on PATH (or CHROMIUM), else None."""
-    if os.environ.get("CHROMIUM"):
-        return os.environ["CHROMIUM"]
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
+    """REPLAY_CHROMIUM, else /usr/bin/chromium (Debian's package), else chromium or
+    chromium-browser on PATH; None when there is none."""
+    named = os.environ.get("REPLAY_CHROMIUM")
+    if named:
+        return named if os.path.exists(named) else None
+    if os.path.exists("/usr/bin/chromium"):
+        return "/usr/bin/chromium"
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
+    """The browser binary; skips the test without one, or fails it under REPLAY_REQUIRE_BROWSER=1 (CI)."""
     found = find_chromium()
     if found is None:
-        pytest.skip("no Chromium or Chrome on PATH (set CHROMIUM to one)")
+        reason = "Chromium is not installed (apt-get install -y chromium fonts-liberation)"
+        if os.environ.get("REPLAY_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"REPLAY_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
     return found

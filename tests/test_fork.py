@@ -38,12 +38,7 @@ from replay.rng import RngContract
 from replay.session import RecordSession, ReplaySession
 from replay.store import RunDir
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-TINY = str(HERE / "programs" / "tiny.py") + ":program"  # AdamW, BatchNorm, dropout, EMA, StepLR, augment stream
-QUEUE = str(HERE / "programs" / "queue_sgd.py") + ":program"  # SGD with momentum, a queue component
-LEAKY = str(HERE / "programs" / "leaky.py") + ":program"  # a Python-level step counter changes the loss
-FORGETFUL = str(HERE / "programs" / "forgetful_queue.py") + ":program"  # a queue that forgets its pointer
+from conftest import FORGETFUL, LEAKY, QUEUE, ROOT, TINY  # the test programs (see conftest.py)
 
 T = 13  # the fork step: not a checkpoint (both parents checkpoint every 10), in the middle of epoch 0
 UNTIL = 22  # children end here: past the checkpoint at 20, so replays restore inside windows
@@ -457,7 +452,8 @@ def test_swap_optimizer_without_carry_starts_empty(sessions):
 
 @pytest.mark.parametrize("spec,param,index,bit", [("bitflip", None, None, 0),  # the target chosen at T
                                                   ("bitflip:param=4.weight", "4.weight", None, 0),
-                                                  ("bitflip:param=4.weight,index=17,bit=31", "4.weight", 17, 31)])
+                                                  ("bitflip:param=4.weight,index=17,bit=31", "4.weight", 17, 31),
+                                                  ("bitflip:param=0.weight,index=5,bit=0", "0.weight", 5, 0)])
 def test_bitflip_changes_exactly_one_bit_of_one_weight(parents, spec, param, index, bit):
     at = 10  # a checkpoint: the parent's state at T is read from its file
     with RunDir.open(parents[TINY]) as run:
@@ -514,6 +510,8 @@ def test_every_primitive_forks_replays_and_marks_its_window(sessions, parent_row
     assert ForkSession(child, 17, progress=False).placebo_check().ok
     same = [exact_row(child_rows[t]) == exact_row(parent_rows[case.program][t]) for t in range(T, UNTIL)]
     assert all(same) if name == "placebo" else not all(same)
+    if name not in ("placebo", "drop_examples"):  # the change persists: the child's last step still differs
+        assert child_rows[UNTIL - 1].digest != parent_rows[case.program][UNTIL - 1].digest
 
 
 def test_cli_verify_and_check_on_a_child(children, capsys):
@@ -827,9 +825,11 @@ def test_a_parent_changed_after_the_fork_is_detected(family, capsys):
     assert parent_status(child) == "ok"
     # Another run id in the parent's manifest.
     m = manifest(parent)
-    (parent / "manifest.json").write_text(json.dumps({**m, "run_id": "f" * 32}))
+    with RunDir.open(parent, writable=True) as run:  # through the writer: the store records the manifest's digest
+        run.update_manifest({"run_id": "f" * 32})
     assert parent_status(child) == "changed"
-    (parent / "manifest.json").write_text(json.dumps(m))
+    with RunDir.open(parent, writable=True) as run:
+        run.update_manifest({"run_id": m["run_id"]})
     assert parent_status(child) == "ok"
     # The parent's folder recorded again (the same program and seed: another run).
     shutil.rmtree(parent)
@@ -908,6 +908,23 @@ def test_the_marked_window_covers_every_step_swap_windows_changes(sessions, tmp_
     ("ema_decay:decay=1.5", r"decay must be in \[0, 1\]"),
     ("swap_optimizer:to=RMSprop", "must be SGD, Adam or AdamW"),
     ({"name": "placebo", "window": 0}, "window must be a positive"),
+    # parameters out of range or of the wrong type are refused when the spec is read (issue 9)
+    ("weight_noise:std=-1", r"std must lie in \[0, inf\)"),
+    ("weight_noise:std=nan", "std must be a finite number"),
+    ("weight_noise:std=0.01,salt=-1", "salt must lie in"),
+    ("lr_scale:factor=-2", "factor must lie in"),
+    ("lr_scale:factor=inf", "factor must be a finite number"),
+    ("bitflip:bit=32", r"bit must lie in \[0, 31\]"),
+    ("bitflip:index=-1", "index must lie in"),
+    ("swap_optimizer:to=SGD,momentum=1.5", r"momentum must lie in \[0, 1\)"),
+    ("swap_optimizer:to=SGD,lr=0", r"lr must lie in \(0, inf\)"),
+    ("swap_optimizer:to=SGD,carry=yes", "carry must be true or false"),
+    ("inject_example:id=-3", "id must lie in"),
+    ("inject_example:id=2,duplicate=3", "duplicate must be true or false"),
+    ("recompute_bn:batches=0", "batches must lie in"),
+    ("reseed:stream=augment,salt=x", "salt must be an integer"),
+    ("swap_windows:offset=3,w=0", "w must lie in"),
+    ("swap_windows:offset=x", "offset must be an integer"),
 ])
 def test_bad_specs_are_value_errors(spec, message):
     with pytest.raises(ValueError, match=message):

@@ -31,8 +31,8 @@ from replay.report.model import View
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import make_results as fx  # noqa: E402
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from conftest import CHROMIUM_FLAGS, TINY  # noqa: E402
+
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
 
@@ -608,19 +608,6 @@ def test_rendering_is_deterministic(tmp_path):
 # ------------------------------------------------------------------------------ browser ----
 
 
-def chromium() -> str:
-    """/usr/bin/chromium (Debian's package), or chromium on PATH; REPLAY_CHROMIUM names another binary."""
-    path = os.environ.get("REPLAY_CHROMIUM") or "/usr/bin/chromium"
-    if not os.path.exists(path):
-        path = None if os.environ.get("REPLAY_CHROMIUM") else shutil.which("chromium")
-    if path is None:
-        reason = "Chromium is not installed (apt-get install -y chromium fonts-liberation)"
-        if os.environ.get("REPLAY_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"REPLAY_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-    return path
-
-
 def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     profile.mkdir(parents=True, exist_ok=True)
     done = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
@@ -629,8 +616,22 @@ def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.Completed
     return done
 
 
-def test_renders_in_headless_chromium(request, tmp_path):
-    binary = chromium()  # skip (or fail under REPLAY_REQUIRE_BROWSER=1) before rendering anything
+def test_renders_in_headless_chromium(chromium, request, tmp_path):
+    """The synthetic full report and the report of a real (small) experiment, in a real browser:
+    DOM and screenshot. `chromium` skips (or fails under REPLAY_REQUIRE_BROWSER=1) first."""
+    binary = chromium
+    real = request.getfixturevalue("real_experiment")
+    real_html, _ = write_report(load_results(real), tmp_path / "real" / "report.html")
+    dom = run_chromium(binary, tmp_path / "profile-real", "--dump-dom", real_html.as_uri()).stdout
+    assert "<table>" in dom and "m_reset" in dom and dom.count("<svg") >= 2
+    import matplotlib.image
+
+    shot = tmp_path / "real.png"
+    run_chromium(binary, tmp_path / "profile-real-shot", f"--screenshot={shot}", "--window-size=1280,1800",
+                 real_html.as_uri())
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    assert matplotlib.image.imread(str(shot)).std() > 0.05  # not a blank page
+
     results, html_path, _, _ = request.getfixturevalue("full")
     url = html_path.as_uri()
 
@@ -660,3 +661,40 @@ def test_renders_in_headless_chromium(request, tmp_path):
     assert len(colours) > 50  # text antialiasing, table shading, the first plots
     if os.environ.get("REPLAY_REPORT_SCREENSHOT"):  # keep a copy to look at
         shutil.copy(shot, os.environ["REPLAY_REPORT_SCREENSHOT"])
+
+
+# ------------------------------------------------------------- a real experiment ----
+
+
+@pytest.fixture(scope="module")
+def real_experiment(tmp_path_factory):
+    """A small real experiment (tiny, 3 seeds, one fork step, a placebo, a momentum reset and a
+    bit-flip reference), run once: the report of real results, not synthetic ones."""
+    from replay.experiment import Arm, Experiment, ExperimentSpec
+
+    spec = ExperimentSpec(
+        name="report test", program=TINY, seeds=[1, 2, 3], fork_steps=[8],
+        steps=20, arms=[Arm("placebo", ["placebo"]), Arm("m_reset", ["reset_exp_avg"]),
+                        Arm("bitflip", ["bitflip"], reference=True)],
+        horizons=[0, 4, 8, 11], primary_horizon=4, probe={"source": "replay.demo:probe", "layer": "2"},
+        bootstrap_resamples=200)
+    out = tmp_path_factory.mktemp("exp")
+    Experiment(spec, out).run(progress=False)
+    return out
+
+
+def test_html_and_markdown_of_a_real_experiment(real_experiment, tmp_path):
+    html_path, md_path = write_report(load_results(real_experiment), tmp_path / "report.html")
+    page = html_path.read_text()
+    data = json.loads((real_experiment / "results.json").read_text())
+    for arm in ("placebo", "m_reset", "bitflip"):
+        assert f"<td class='l'>{arm}</td>" in page
+    assert "exactly 0 (checked)" in page and "Placebo check passed" in page
+    # One lifetime figure (m_reset: function space and state space) and the per-seed strip plot.
+    assert page.count("<svg") >= 2 and "class='decay state'" in page
+    a_run = data["checklist"]["runs"][0]
+    assert next(iter(a_run["order_hashes"].values())) in page
+    assert data["experiment"]["probe"]["sha256"] in page and a_run["fingerprint_end"] in page
+    md = md_path.read_text()
+    assert "| placebo |" in md and "exactly 0 (checked)" in md and "report_plots/seeds.png" in md
+    assert (tmp_path / "report_plots" / "seeds.png").stat().st_size > 5000
