@@ -11,11 +11,20 @@
     replay experiment SPEC.toml --out DIR [--workers N]   seeds x forks x arms -> estimates
     replay report DIR [--out report.html]                 the audit report of an experiment
     replay demo [--quick] [--out DIR]                     the digits demo, end to end
+
+Exit statuses: 0 done; 1 a negative answer (verify or check found a difference), an error in the
+user's program (its own frames, then `replay: error in the program (FILE, line N): ...`), or the
+machine gave out (disk full, out of memory; a recording stays resumable); 2 bad input, one line
+`replay: error: ...` (the types are listed in `bad_input_types`); 130 interrupted (Ctrl-C; a
+recording or fork stays resumable with `replay resume`). No `--out` is ever inside a run or an
+experiment's runs/ folder, and `report` overwrites only its own pages unless given --force
+(replay/outputs.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno as _errno
 import json
 import math
 import os
@@ -431,8 +440,6 @@ def build_parser() -> argparse.ArgumentParser:
 # 130 interrupted (Ctrl-C; a recording stays resumable). Anything else is a bug in replay and
 # keeps its traceback.
 
-import errno as _errno
-
 _USER_PATH_ERRNOS = {_errno.ENOENT, _errno.EISDIR, _errno.ENOTDIR, _errno.EACCES, _errno.EPERM, _errno.EEXIST,
                      _errno.ENAMETOOLONG, _errno.ELOOP, _errno.ENOTEMPTY}
 _DISK_FULL_ERRNOS = {_errno.ENOSPC, _errno.EFBIG, getattr(_errno, "EDQUOT", _errno.ENOSPC)}
@@ -541,8 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        run = getattr(args, "out", None) or getattr(args, "run", None)
-        hint = f"; `replay resume {run}` continues the recording" if args.command in ("record", "resume") and run else ""
+        run = args.run if args.command == "resume" else getattr(args, "out", None)
+        hint = f"; `replay resume {run}` continues the recording" if args.command in ("record", "resume", "fork") and run else ""
         print(f"replay: interrupted{hint}", file=sys.stderr)
         return 130
     except MemoryError as error:
