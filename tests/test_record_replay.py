@@ -270,3 +270,15 @@ def test_import_replay_loads_neither_torch_nor_the_extension():
             "assert 'replay._C' in sys.modules\n"
             "assert replay.Program is replay.program.Program and replay.optim.AdamW\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_inspect_tree_diff_and_verify_files_load_no_extension(tmp_path):
+    """The read-only commands never need the compiled kernels: replay._C is not loaded."""
+    out = record(tmp_path, steps=12)
+    code = ("import sys\nfrom replay.cli import main\n"
+            f"for argv in (['inspect', {str(out)!r}], ['tree', {str(tmp_path)!r}], ['diff', {str(out)!r}, {str(out)!r}],"
+            f" ['verify', {str(out)!r}, '--files']):\n"
+            "    assert main(argv) == 0, argv\n"
+            "assert not {'replay._C', 'torch._dynamo'} & set(sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                   stdout=subprocess.DEVNULL)
