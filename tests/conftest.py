@@ -23,6 +23,29 @@ LEAKY = str(PROGRAMS / "leaky.py") + ":program"  # a Python-level step counter c
 FORGETFUL = str(PROGRAMS / "forgetful_queue.py") + ":program"  # a queue that forgets its pointer
 
 
+# ------------------------------------------------------------------------- recorded runs ----
+
+
+@pytest.fixture(scope="session")
+def recorded_run(tmp_path_factory):
+    """recorded_run(reference, **overrides) -> the folder of a complete recording of that program,
+    recorded once per session for each (reference, overrides) and shared: treat it as read-only
+    (copy it before damaging or extending it)."""
+    cache: dict = {}
+
+    def record(reference: str, **overrides) -> Path:
+        key = (reference, tuple(sorted(overrides.items())))
+        if key not in cache:
+            from replay.session import RecordSession
+
+            out = tmp_path_factory.mktemp("recorded") / "run"
+            RecordSession(reference, out, progress=False, **overrides).run()
+            cache[key] = out
+        return cache[key]
+
+    return record
+
+
 # ------------------------------------------------------------- a program written on the fly ----
 
 _PROGRAM = '''\

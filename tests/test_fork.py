@@ -232,13 +232,9 @@ def is_state(component: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def parents(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parents")
-    out = {}
-    for name, ref in (("tiny", TINY), ("queue", QUEUE)):
-        out[ref] = root / name
-        RecordSession(ref, out[ref], steps=STEPS, checkpoint_every=10, progress=False).run()
-    return out
+def parents(recorded_run):
+    """tiny and queue_sgd, 30 steps, checkpoints every 10 (shared recordings: read-only)."""
+    return {ref: recorded_run(ref, steps=STEPS, checkpoint_every=10) for ref in (TINY, QUEUE)}
 
 
 @pytest.fixture(scope="module")
