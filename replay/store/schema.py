@@ -74,7 +74,7 @@ class Limits:
 
 
 LIMITS = {
-    "manifest": Limits(max_bytes=4 << 20, max_depth=32, max_nodes=500_000, max_string=64 << 10),
+    "manifest": Limits(max_bytes=64 << 20, max_depth=32, max_nodes=10_000_000, max_string=64 << 10),
     "checkpoint": Limits(max_bytes=256 << 20, max_depth=64, max_nodes=20_000_000, max_string=1 << 20),
     "spec": Limits(max_bytes=1 << 20, max_depth=32, max_nodes=200_000, max_string=64 << 10),
     "record": Limits(max_bytes=16 << 20, max_depth=32, max_nodes=2_000_000, max_string=64 << 10),
