@@ -175,7 +175,7 @@ def test_a_malformed_lineage_is_named(run_path, change, where):
 HOSTILE_TEXT = [
     (b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, "nested"),
     (b"[" * 1_000_000 + b"]" * 1_000_000, "nested"),
-    (b" " * (5 << 20) + b"{}", "bytes"),
+    (b" " * (65 << 20) + b"{}", "bytes"),
     (b'{"steps": NaN}', "not valid JSON"),
     (b'{"steps": Infinity}', "not valid JSON"),
     (b'{"steps": 1e400}', "non-finite"),
