@@ -510,7 +510,23 @@ def _user_frames(error: BaseException):
         if isinstance(e, SyntaxError) and _is_user_file(e.filename, roots):
             return [], e
     frames = [f for f in traceback.extract_tb(error.__traceback__) if _is_user_file(f.filename, roots)]
+    if not frames:  # raised in a worker process: its traceback comes back as text
+        frames = [f for f in _remote_frames(error) if _is_user_file(f.filename, roots)]
     return frames, None
+
+
+def _remote_frames(error: BaseException) -> list:
+    """The frames of a worker process's traceback that concurrent.futures attaches as the cause
+    (a _RemoteTraceback holding the formatted text)."""
+    import re
+    import traceback
+
+    cause = error.__cause__
+    text = getattr(cause, "tb", None) if type(cause).__name__ == "_RemoteTraceback" else None
+    if not isinstance(text, str):
+        return []
+    return [traceback.FrameSummary(m.group(1), int(m.group(2)), m.group(3), line=m.group(4))
+            for m in re.finditer(r'^  File "(.+?)", line (\d+), in (.+)\n(?:    (.*)\n)?', text, re.M)]
 
 
 def _raised_by_replay(error: BaseException) -> bool:

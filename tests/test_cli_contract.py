@@ -296,3 +296,21 @@ def test_ctrl_c_exits_130_and_the_run_resumes_bit_for_bit(tmp_path, recorded):
     reference = tmp_path / "reference"
     assert main(["record", f"{program}:program", "--out", str(reference), "--no-progress"]) == 0
     assert ledger_of(out) == ledger_of(reference)
+
+
+def test_an_error_in_the_users_program_in_a_worker_process_shows_its_frames(tmp_path, capsys, monkeypatch):
+    """`check --workers 2` replays in spawned processes: the program's frames come back as text
+    and are shown the same way, exit 1."""
+    program = write_program(tmp_path / "worker.py",
+                            step_prelude="if os.environ.get('REPLAY_TEST_RAISE') and ctx.step == 12:\n"
+                                         "        raise RuntimeError('worker boom')")
+    run = tmp_path / "run"
+    assert main(["record", f"{program}:program", "--out", str(run), "--no-progress"]) == 0
+    monkeypatch.setenv("REPLAY_TEST_RAISE", "1")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    rc, _, err = run_main(capsys, "check", run, "--at", "5", "10", "--workers", "2")
+    assert rc == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"replay: error in the program ({program}, line "), err
+    assert "RuntimeError: worker boom" in last and "raise RuntimeError('worker boom')" in err
+    assert str(ROOT / "replay") not in err
