@@ -485,3 +485,30 @@ def test_a_toml_spec_names_its_file(tmp_path):
     path.write_bytes(b"#" * (2 << 20))
     with pytest.raises(SchemaError, match="1 MiB"):
         ExperimentSpec.from_toml(path)
+
+
+# ------------------------------------------------------------------------ ledger columns ----
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("column", ["batch_ids", "metrics", "fingerprints"])
+def test_a_deeply_nested_ledger_column_is_one_line(ckpt_run, column):
+    conn = sqlite3.connect(os.path.join(ckpt_run, "ledger.sqlite"), isolation_level=None)
+    conn.execute(f"UPDATE steps SET {column} = ? WHERE step = 3", (DEEP,))
+    conn.close()
+    with RunDir.open(ckpt_run) as run:
+        message = refused(lambda: run.ledger.rows(), match="row of step 3", cls=CorruptRunError)
+        assert "nested deeper" in message
+        assert run.ledger.step_row(2).step == 2
+
+
+def test_deeply_nested_checkpoint_records_and_events_are_one_line(ckpt_run):
+    conn = sqlite3.connect(os.path.join(ckpt_run, "ledger.sqlite"), isolation_level=None)
+    conn.execute("UPDATE checkpoints SET files = ? WHERE step = 5", (DEEP,))
+    conn.execute("INSERT INTO events(time, kind, detail) VALUES (0, 'x', ?)", (DEEP,))
+    conn.close()
+    with RunDir.open(ckpt_run) as run:
+        refused(lambda: run.ledger.checkpoints(), match="checkpoint record of step 5", cls=CorruptRunError)
+        refused(lambda: run.load_checkpoint(5), match="checkpoint record of step 5", cls=CorruptRunError)
+        refused(lambda: run.ledger.events(), match="nested deeper", cls=CorruptRunError)

@@ -10,6 +10,9 @@
 * ``checkpoint`` atomic checkpoint folders, verified against recorded hashes before parsing
 * ``ledger``     the per-step SQLite ledger (WAL, synchronous=FULL)
 * ``run``        RunDir: the directory, its manifest and the single-writer lock
+* ``schema``     the validation layer: manifest, checkpoint state, lineage, experiment specs
+                 (SchemaError, NewerFormatError)
+* ``paths``      nothing inside a run is followed through a symbolic link (SymlinkError)
 """
 
 from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_bytes, sha256_file
@@ -17,7 +20,9 @@ from .checkpoint import checkpoint_steps, read_checkpoint, remove_stale_temporar
 from .encode import flatten_state, float_from_text, float_to_text, unflatten_state
 from .errors import CorruptRunError, RunError, RunExistsError, RunLockedError
 from .ledger import Ledger, StepRow
+from .paths import SymlinkError
 from .run import CHECKPOINTS, LEDGER, LOCK, MANIFEST, RunDir
+from .schema import NewerFormatError, SchemaError
 
 __all__ = [
     "CHECKPOINTS",
@@ -26,11 +31,14 @@ __all__ = [
     "MANIFEST",
     "CorruptRunError",
     "Ledger",
+    "NewerFormatError",
     "RunDir",
     "RunError",
     "RunExistsError",
     "RunLockedError",
+    "SchemaError",
     "StepRow",
+    "SymlinkError",
     "atomic_write_bytes",
     "atomic_write_json",
     "checkpoint_steps",

@@ -162,9 +162,26 @@ def _hex_u64(text) -> int:
     return int(text, 16)
 
 
+_MAX_DEPTH = 8  # the deepest JSON a ledger column holds is 3 (fingerprints); events allow 8
+
+
+def _loads(text, max_depth: int = _MAX_DEPTH):
+    """json.loads of a ledger column, refusing (ValueError) text nested deeper than
+    ``max_depth`` before parsing it (no RecursionError from a hostile ledger) and anything that
+    is not text."""
+    from .schema import _nesting_depth
+
+    if not isinstance(text, str):
+        raise ValueError(f"not JSON text: {type(text).__name__}")
+    data = text.encode("utf-8", "surrogatepass")
+    if _nesting_depth(data) > max_depth:
+        raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    return json.loads(text)
+
+
 def _decode_row(r: tuple) -> StepRow:
     step, epoch, batch_ids, batch_hash, loss, lr, metrics, fps, digest = r
-    ids = json.loads(batch_ids)
+    ids = _loads(batch_ids)
     if type(ids) is not list or not all(type(i) is int for i in ids):
         raise ValueError("batch_ids is not a list of ints")
     return StepRow(
@@ -174,10 +191,10 @@ def _decode_row(r: tuple) -> StepRow:
         batch_hash=batch_hash,
         loss=None if loss is None else float_from_text(loss),
         lr=None if lr is None else float_from_text(lr),
-        metrics={k: float_from_text(v) for k, v in json.loads(metrics).items()},
+        metrics={k: float_from_text(v) for k, v in _loads(metrics).items()},
         fingerprints={
             comp: {name: _hex_u64(v) for name, v in tensors.items()}
-            for comp, tensors in json.loads(fps).items()
+            for comp, tensors in _loads(fps).items()
         },
         digest=_hex_u64(digest),
     )
@@ -455,13 +472,13 @@ class Ledger:
         for id_, t, kind, detail in self._query(
             "SELECT id, time, kind, detail FROM events ORDER BY id"
         ):
-            d = self._decode(f"event {id_}", json.loads, detail)
+            d = self._decode(f"event {id_}", _loads, detail, 32)
             out.append({"id": id_, "time": t, "kind": kind, "detail": d})
         return out
 
 
 def _str_dict(text: str) -> dict[str, str]:
-    d = json.loads(text)
+    d = _loads(text)
     if type(d) is not dict or not all(type(v) is str for v in d.values()):
         raise ValueError("not a JSON object of strings")
     return d
