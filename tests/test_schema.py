@@ -140,9 +140,10 @@ def test_a_wrong_type_or_range_is_named(run_path, key, value, where):
 
 def test_a_huge_step_count_is_refused_before_anything_is_allocated(run_path):
     # steps 10**9 with a checkpoint every step would be a billion-element schedule: refused
-    manifest = full(M(steps=10**9, checkpoints={"every": 1, "log_spaced": False, "counts": [0]}))
-    write_as_writer(run_path, json.dumps(manifest).encode())
-    refused(lambda: RunDir.open(run_path), match="checkpoints.every", cls=SchemaError)
+    for log_spaced in (False, True):
+        manifest = full(M(steps=10**9, checkpoints={"every": 1, "log_spaced": log_spaced, "counts": [0]}))
+        write_as_writer(run_path, json.dumps(manifest).encode())
+        refused(lambda: RunDir.open(run_path), match="checkpoints.every", cls=SchemaError)
 
 
 LINEAGE = {"parent_id": "cd" * 16, "parent_path": "../p", "parent_digest": "e" * 64, "fork_step": 5,

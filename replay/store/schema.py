@@ -473,7 +473,7 @@ def check_manifest(manifest, path, store_version: int) -> None:
     elif first != 0:
         raise SchemaError(path, "first_step", f"a run that is not a fork starts at step 0, found {first}")
     schedule = manifest["checkpoints"]
-    if not schedule["log_spaced"] and steps // schedule["every"] > MAX_CHECKPOINTS:
+    if steps // schedule["every"] > MAX_CHECKPOINTS:
         raise SchemaError(path, "checkpoints.every",
                           f"every {schedule['every']} of {steps} steps is more than {MAX_CHECKPOINTS} checkpoints")
     counts = schedule["counts"]
