@@ -21,6 +21,9 @@ from .store.run import MANIFEST
 __all__ = ["OutputRefused", "check_experiment_out", "check_file_out", "check_run_out", "is_experiment_dir",
            "is_run_dir", "owning_run"]
 
+# What an experiment folder holds; a folder with only these (say `evals/` alone, from a run stopped
+# before its spec.json was written) is an experiment's folder too.
+_EXPERIMENT_ENTRIES = {"evals", "runs", "spec.json", "results.json", "report.html", "report.md", "report_plots"}
 REPORT_MARK = b"replay audit report"  # in every HTML and Markdown page that `write_report` writes
 _SNIFF = 1 << 16
 
@@ -82,7 +85,7 @@ def check_experiment_out(path: str | os.PathLike) -> Path:
     if p.exists():
         if not p.is_dir():
             raise OutputRefused(f"--out {p}: exists and is not a folder")
-        if any(p.iterdir()) and not is_experiment_dir(p):
+        if not is_experiment_dir(p) and not {e.name for e in p.iterdir()} <= _EXPERIMENT_ENTRIES:
             raise OutputRefused(f"--out {p}: a folder with content that is not an experiment; "
                                 "choose a new or empty folder")
     return p

@@ -136,6 +136,9 @@ def test_experiment_out_must_be_new_empty_or_an_experiment(tmp_path, capsys, wor
     (tmp_path / "empty").mkdir()
     check_experiment_out(tmp_path / "empty")
     check_experiment_out(exp)  # the same experiment continues there
+    early = tmp_path / "early"  # stopped before its spec.json was written
+    (early / "evals").mkdir(parents=True)
+    check_experiment_out(early)
 
 
 def test_the_helper_directly(tmp_path, world):
