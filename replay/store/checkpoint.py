@@ -27,11 +27,7 @@ import re
 import shutil
 import secrets
 
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
-
 from .atomic import TEMP_PREFIX, fsync_dir, sha256_bytes
-from .encode import flatten_state, unflatten_state
 from .errors import CorruptRunError
 from .paths import SymlinkError, inside, no_link, read_nofollow
 from .schema import check_checkpoint_state, load_json
@@ -110,6 +106,9 @@ def write_checkpoint(checkpoints_dir: str | os.PathLike, step: int, state) -> di
     checkpoints_dir = os.fspath(checkpoints_dir)
     no_link(checkpoints_dir)  # never write through a linked checkpoints/ (or step folder)
     no_link(os.path.join(checkpoints_dir, name))
+    from .encode import flatten_state  # torch loads here, on first use: listing a run needs none
+    from safetensors.torch import save as save_safetensors_bytes
+
     skeleton, tensors = flatten_state(state)
     state_bytes = (
         json.dumps(skeleton, indent=1, sort_keys=False, allow_nan=False, ensure_ascii=True) + "\n"
@@ -183,6 +182,9 @@ def read_checkpoint(checkpoints_dir: str | os.PathLike, step: int, expected: dic
     is missing, its hash differs (flipped bytes, truncation, substitution), or it does not parse.
     Files in the folder that ``expected`` does not name are never opened.
     """
+    from .encode import unflatten_state  # torch loads on first use (see write_checkpoint)
+    from safetensors.torch import load as load_safetensors_bytes
+
     folder = inside(os.fspath(checkpoints_dir), step_folder_name(step))
     no_link(checkpoints_dir)
     if not isinstance(expected, dict) or not all(f in expected for f in CHECKPOINT_FILES):

@@ -36,7 +36,7 @@ import sqlite3
 import time
 from urllib.parse import quote
 
-from .encode import float_from_text, float_to_text
+from .floats import float_from_text, float_to_text
 from .errors import CorruptRunError, RunError, RunExistsError
 from .paths import no_link
 
