@@ -127,3 +127,34 @@ def chromium() -> str:
             pytest.fail(f"REPLAY_REQUIRE_BROWSER=1 but {reason}")
         pytest.skip(reason)
     return found
+
+
+def minimal_manifest(**extra) -> dict:
+    """A minimal valid run manifest (the keys replay.driver writes; the store adds status and
+    store_version), with ``extra`` keys merged in."""
+    return {
+        "format": "replay.run", "version": 1, "run_id": "ab" * 16, "first_step": 0, "steps": 10,
+        "seed": 3, "program": {"reference": "mod:prog", "sha256": "0" * 64},
+        "batch_size": 4, "dataset_size": 16, "environment": {"torch": "x"},
+        "rng": {"version": 1, "run_seed": 3, "streams": ["init", "order", "augment", "dropout"], "reseeds": {}},
+        "order": {"name": "reshuffle", "dataset_size": 16, "batch_size": 4},
+        "checkpoints": {"every": 5, "log_spaced": False, "counts": [0, 5, 10]},
+        "optimizer": {"class": "replay.optim.adam.AdamW", "replay_kernel": True, "numerics": "portable"},
+        **extra,
+    }
+
+
+def flat_tensors(state, prefix="") -> dict:
+    """The tensors of a nested state (dicts, lists, tuples), keyed by their path."""
+    import torch
+
+    out = {}
+    if isinstance(state, torch.Tensor):
+        out[prefix] = state
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            out.update(flat_tensors(v, f"{prefix}/{k}"))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            out.update(flat_tensors(v, f"{prefix}/{i}"))
+    return out

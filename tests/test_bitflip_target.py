@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import flat_tensors
 from replay import perturb
 from replay.cli import main as cli
 from replay.datasets import digits
@@ -40,19 +41,6 @@ RECORD = ("param", "index", "bit", "selected_by", "score", "rank", "outputs_chan
 def words(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().contiguous().reshape(-1)
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]) if t.is_floating_point() else t
-
-
-def flat(state, prefix="") -> dict:
-    if isinstance(state, torch.Tensor):
-        return {prefix: state}
-    out = {}
-    if isinstance(state, dict):
-        for k, v in state.items():
-            out.update(flat(v, f"{prefix}/{k}"))
-    elif isinstance(state, (list, tuple)):
-        for i, v in enumerate(state):
-            out.update(flat(v, f"{prefix}/{i}"))
-    return out
 
 
 def manifest(run) -> dict:
@@ -352,7 +340,7 @@ def test_choosing_changes_nothing_but_the_one_bit(session):
     placebo, _, _ = state_at(session, "placebo")
     probe, primitive, _ = state_at(session, "bitflip")
     target = primitive.values
-    a, b = flat(placebo.state), flat(probe.state)
+    a, b = flat_tensors(placebo.state), flat_tensors(probe.state)
     assert set(a) == set(b)
     changed = {}
     for name in a:
@@ -373,14 +361,14 @@ def test_choosing_leaves_gradients_optimizer_state_modes_and_generators_alone(se
     grads = {n: p.grad for n, p in engine.model.named_parameters()}
     assert all(g is not None for g in grads.values())
     copies = {n: g.clone() for n, g in grads.items()}
-    state = flat(copy.deepcopy(engine.state_dict()))
+    state = flat_tensors(copy.deepcopy(engine.state_dict()))
     modes = [m.training for m in engine.model.modules()] + [m.training for m in engine.ema.module.modules()]
     rng = torch.get_rng_state()
     flip.check(engine)  # the choice
     assert flip.values["index"] is not None and flip.values["outputs_changed"] > 0
     assert {n: p.grad for n, p in engine.model.named_parameters()} == grads  # the very same tensors ...
     assert all(torch.equal(words(copies[n]), words(g)) for n, g in grads.items())  # ... and bits
-    after = flat(engine.state_dict())
+    after = flat_tensors(engine.state_dict())
     assert set(after) == set(state) and all(torch.equal(words(state[k]), words(after[k])) for k in state)
     assert [m.training for m in engine.model.modules()] + [m.training for m in engine.ema.module.modules()] == modes
     assert torch.equal(torch.get_rng_state(), rng)

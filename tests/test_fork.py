@@ -38,7 +38,7 @@ from replay.rng import RngContract
 from replay.session import RecordSession, ReplaySession
 from replay.store import RunDir
 
-from conftest import FORGETFUL, LEAKY, QUEUE, ROOT, TINY  # the test programs (see conftest.py)
+from conftest import FORGETFUL, LEAKY, QUEUE, ROOT, TINY, flat_tensors  # the test programs (see conftest.py)
 
 T = 13  # the fork step: not a checkpoint (both parents checkpoint every 10), in the middle of epoch 0
 UNTIL = 22  # children end here: past the checkpoint at 20, so replays restore inside windows
@@ -111,19 +111,6 @@ def int_view(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
     return t
-
-
-def flat_tensors(state, prefix="") -> dict:
-    out = {}
-    if isinstance(state, torch.Tensor):
-        out[prefix] = state
-    elif isinstance(state, dict):
-        for k, v in state.items():
-            out.update(flat_tensors(v, f"{prefix}/{k}"))
-    elif isinstance(state, (list, tuple)):
-        for i, v in enumerate(state):
-            out.update(flat_tensors(v, f"{prefix}/{i}"))
-    return out
 
 
 def fp_of(t: torch.Tensor) -> int:

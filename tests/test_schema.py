@@ -12,6 +12,7 @@ import sqlite3
 import pytest
 import torch
 
+from conftest import minimal_manifest as M  # a minimal valid manifest
 from replay.experiment.spec import ExperimentSpec
 from replay.store import CorruptRunError, RunDir, RunError, sha256_bytes
 from replay.store.schema import (
@@ -26,18 +27,6 @@ from replay.store.schema import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def M(**extra) -> dict:
-    """A minimal valid run manifest (the keys replay.driver writes)."""
-    return {
-        "format": "replay.run", "version": 1, "run_id": "ab" * 16, "first_step": 0, "steps": 10,
-        "seed": 3, "program": {"reference": "mod:prog", "sha256": "0" * 64},
-        "batch_size": 4, "dataset_size": 16, "environment": {"torch": "x"},
-        "rng": {"version": 1, "run_seed": 3, "streams": ["init", "order", "augment", "dropout"], "reseeds": {}},
-        "order": {"name": "reshuffle", "dataset_size": 16, "batch_size": 4},
-        "checkpoints": {"every": 5, "log_spaced": False, "counts": [0, 5, 10]},
-        "optimizer": {"class": "replay.optim.adam.AdamW", "replay_kernel": True, "numerics": "portable"},
-        **extra,
-    }
 
 
 def set_meta(run_path, key: str, value: str | None) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import minimal_manifest as M  # a minimal valid manifest
 import replay.store as store
 from replay.store import (
     CorruptRunError,
@@ -67,19 +68,6 @@ def write_manifest_as_writer(run_path, data: bytes) -> None:
     conn.close()
 
 
-def M(**extra) -> dict:
-    """A minimal valid run manifest (the keys replay.driver writes; the store adds status and
-    store_version), with ``extra`` keys merged in."""
-    return {
-        "format": "replay.run", "version": 1, "run_id": "ab" * 16, "first_step": 0, "steps": 10,
-        "seed": 3, "program": {"reference": "mod:prog", "sha256": "0" * 64},
-        "batch_size": 4, "dataset_size": 16, "environment": {"torch": "x"},
-        "rng": {"version": 1, "run_seed": 3, "streams": ["init", "order", "augment", "dropout"], "reseeds": {}},
-        "order": {"name": "reshuffle", "dataset_size": 16, "batch_size": 4},
-        "checkpoints": {"every": 5, "log_spaced": False, "counts": [0, 5, 10]},
-        "optimizer": {"class": "replay.optim.adam.AdamW", "replay_kernel": True, "numerics": "portable"},
-        **extra,
-    }
 
 
 def fbits(x: float) -> int:
