@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from replay.rng import BUILTIN_STREAMS, CONTRACT_VERSION, RngContract, stream_seed
+from replay.rng import BUILTIN_STREAMS, CONTRACT_VERSION, RngContract, seed_torch_globals, stream_seed
 
 STREAMS = BUILTIN_STREAMS + ("noise", "mask")
 
@@ -161,6 +161,22 @@ def test_seed_global_makes_global_draws_a_function_of_step():
         assert torch.equal(a, b)
         assert not torch.equal(a, c)
     assert torch.initial_seed() == contract.seed("dropout", 8)
+
+
+def test_seed_torch_globals_leaves_the_generators_as_torch_manual_seed_does():
+    """The engine's cheap per-step seeding: the CPU generator's whole state (and, on a machine
+    with CUDA, every device's) equals torch.manual_seed's, bit for bit."""
+    for seed in (0, 1, 12345, 2**63 - 1, 2**64 - 1):
+        torch.manual_seed(seed)
+        expected = torch.get_rng_state()
+        cuda_expected = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        torch.manual_seed(7)
+        torch.rand(100)
+        seed_torch_globals(seed)
+        assert torch.equal(torch.get_rng_state(), expected)
+        assert torch.initial_seed() == seed
+        if cuda_expected is not None:
+            assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda_expected))
 
 
 @pytest.mark.cuda
