@@ -166,40 +166,43 @@ class Engine:
         """Fingerprints of every component of the training state, by component and tensor.
 
         Where replay.optim's kernel fingerprinted the parameters and optimizer state in the step
-        itself, those values are used (`use_optimizer`); everything else is hashed here."""
+        itself, those values are used (`use_optimizer`), and likewise the EMA's (`fresh_ema`);
+        every other tensor of every component is hashed here, all in one kernel call (a call per
+        component would cost more than the hashing on a small model)."""
         opt = self.optimizer
         from_kernel = use_optimizer and isinstance(opt, FusedOptimizerMixin) and opt.fingerprint
         kernel = opt.fingerprints if from_kernel else {}
-        index_of = state_indices(opt.param_groups)
-        param_names = {id(p): name for name, p in self.model.named_parameters()}
+        index_of = state_indices(opt.param_groups) if kernel or opt.state else {}
+        # Tensors hashed here, by section: (the dict their fingerprints go into, [(name, tensor)]).
+        # Each section's entries follow the ones already in its dict, as they always have.
+        sections: list[tuple[dict[str, int], list[tuple[str, torch.Tensor]]]] = []
 
         model_fps: dict[str, int] = {}
         todo = []
-        by_name = {id(p): index_of.get(id(p)) for p in self.model.parameters()}
+        by_name = {name: index_of.get(id(p)) for name, p in self.model.named_parameters()} if kernel else {}
         for name, tensor in self.model.state_dict(keep_vars=True).items():
-            index = by_name.get(id(tensor))
-            if index is not None and index in kernel and param_names.get(id(tensor)) == name:
-                model_fps[name] = kernel[index]["param"]
+            index = by_name.get(name)
+            entry = kernel.get(index) if index is not None and index_of.get(id(tensor)) == index else None
+            if entry is not None:
+                model_fps[name] = entry["param"]
             else:
-                todo.append((name, tensor))
-        model_fps.update(zip([n for n, _ in todo], fingerprints([t.detach() for _, t in todo])))
+                todo.append((name, tensor.detach()))
+        sections.append((model_fps, todo))
 
         optimizer_fps: dict[str, int] = {}
         todo = []
         for p, state in opt.state.items():
             index = index_of.get(id(p))
+            entry = kernel.get(index, {})
             for key, value in state.items():
                 name = f"{index}.{key}"
-                if index in kernel and key in kernel[index]:
-                    optimizer_fps[name] = kernel[index][key]
+                if key in entry:
+                    optimizer_fps[name] = entry[key]
                 elif isinstance(value, torch.Tensor):
                     todo.append((name, value))
                 else:
                     optimizer_fps[name] = _json_hash(value)
-        optimizer_fps.update(zip([n for n, _ in todo], fingerprints([t for _, t in todo])))
-        optimizer_fps["_groups"] = _json_hash(
-            [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
-        )
+        sections.append((optimizer_fps, todo))
 
         result = {"model": model_fps, "optimizer": optimizer_fps}
         if self.scheduler is not None:
@@ -208,10 +211,23 @@ class Engine:
             if fresh_ema:
                 result["ema"] = dict(self.ema.fingerprints)
             else:
-                state = self.ema.state_dict()
-                result["ema"] = dict(zip(state.keys(), fingerprints(list(state.values()))))
+                result["ema"] = {}
+                sections.append((result["ema"], list(self.ema.state_dict().items())))
+        structures = {}
         for name, component in self.components.items():
-            result[f"component:{name}"] = nested_fingerprints(component.state_dict())
+            skeleton, tensors = flatten_state(component.state_dict())
+            result[f"component:{name}"] = {}
+            sections.append((result[f"component:{name}"], [(n, tensors[n]) for n in sorted(tensors)]))
+            structures[f"component:{name}"] = _json_hash(skeleton)
+
+        hashed = iter(fingerprints([t for _, todo in sections for _, t in todo]))
+        for entries, todo in sections:
+            for name, _ in todo:
+                entries[name] = next(hashed)
+        # The groups as state_dict() gives them, without their parameter lists.
+        optimizer_fps["_groups"] = _json_hash([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+        for key, structure in structures.items():
+            result[key]["_structure"] = structure
         return result
 
     def state_dict(self) -> dict:
