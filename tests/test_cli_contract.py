@@ -268,12 +268,14 @@ def test_disk_full_in_a_checkpoint_write_says_so_and_the_run_resumes_bit_for_bit
 
 
 def test_ctrl_c_exits_130_and_the_run_resumes_bit_for_bit(tmp_path, recorded):
-    """SIGINT at a moment synchronised on the program's own ready signal (a file it writes at step
-    12 of 40, each step sleeping 30 ms): the recording stops with 130 before it is complete, and
-    `replay resume` completes it with the uninterrupted recording's ledger and checkpoints."""
+    """SIGINT at a moment synchronised on the program's own ready signal (a file it writes in
+    step 12 of 40, then waits up to 60 s in that step, so that a slow test process cannot miss
+    it on a loaded machine): the recording stops with 130 before it is complete, and `replay
+    resume` completes it with the uninterrupted recording's ledger and checkpoints."""
     program = write_program(tmp_path / "slow.py", steps=40,
                             step_prelude="time.sleep(0.03)\n    if ctx.step == 12 and os.environ.get('READY_FILE'):\n"
-                                         "        open(os.environ['READY_FILE'], 'w').close()")
+                                         "        open(os.environ['READY_FILE'], 'w').close()\n"
+                                         "        time.sleep(60)")
     ready = tmp_path / "ready"
     out = tmp_path / "run"
     env = dict(os.environ, READY_FILE=str(ready), PYTHONPATH=str(ROOT))
