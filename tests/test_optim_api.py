@@ -231,3 +231,30 @@ def test_fingerprint_false_changes_no_bits(ours, theirs, kw):
     assert_same_model(ma, mb)
     with pytest.raises(RuntimeError, match="fingerprint=False"):
         ob.fingerprints
+
+
+@pytest.mark.parametrize("sizes", [(100, 3_000), (100, 70_000, 130_000)], ids=["serial", "thread-pool"])
+@pytest.mark.parametrize("ours,theirs,kw", PAIRS, ids=IDS)
+def test_small_steps_on_the_calling_thread_and_large_ones_on_the_pool_match_torch(ours, theirs, kw, sizes):
+    """A step over at most 2^16 elements in all runs on the calling thread, a larger one on
+    torch's thread pool (csrc/cpu/loops.h): both give torch's bits and true fingerprints."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        ours_params = [torch.randn(n, generator=gen).requires_grad_() for n in sizes]
+        theirs_params = [p.detach().clone().requires_grad_() for p in ours_params]
+        a, b = ours(ours_params, numerics="torch", **kw), theirs(theirs_params, **kw)
+        for _ in range(3):
+            grads = [torch.randn(n, generator=gen) for n in sizes]
+            for p, q, g in zip(ours_params, theirs_params, grads):
+                p.grad, q.grad = g.clone(), g.clone()
+            a.step()
+            b.step()
+    finally:
+        torch.set_num_threads(before)
+    for index, (p, q) in enumerate(zip(ours_params, theirs_params)):
+        assert torch.equal(bits(p), bits(q))
+        assert a.fingerprints[index]["param"] == replay.fingerprint(p)
+        for key, value in a.state[p].items():
+            assert a.fingerprints[index][key] == replay.fingerprint(value), key

@@ -58,9 +58,21 @@ class FingerprintTotals {
   std::vector<std::atomic<uint64_t>> sums_;
 };
 
-// Runs fn(unit) for every unit, in parallel on torch's intra-op thread pool.
+// Below this many elements in all, a call runs on the calling thread: waking the thread pool
+// costs more than the work (a model's biases and BatchNorm buffers), and on a busy machine its
+// barrier waits for a descheduled thread. The results are the same either way.
+constexpr int64_t kSerialElements = int64_t{1} << 16;
+
+// Runs fn(unit) for every unit, in parallel on torch's intra-op thread pool (serially when the
+// units hold little work).
 template <typename Fn>
 void parallel_units(const std::vector<WorkUnit>& units, const Fn& fn) {
+  int64_t total = 0;
+  for (const auto& u : units) total += u.end - u.begin;
+  if (total <= kSerialElements) {
+    for (const auto& u : units) fn(u);
+    return;
+  }
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) fn(units[static_cast<size_t>(u)]);
   });
