@@ -12,11 +12,98 @@
 
 #include "cpu/ops_cpu.h"
 
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// The host-side finishing of fingerprints (replay/fingerprinting.py: _mix, finish and
+// combine_state are the reference, and tests compare the two). A step finishes dozens of
+// fingerprints; one call here costs less than a torch op call, and far less than mixing them in
+// Python. Plain CPython functions on uint64 buffers, not dispatcher ops: they touch no tensor.
+constexpr uint64_t kMul = 0xD6E8FEB86659FD93ULL;
+constexpr uint64_t kTensorTag = 0x7265706C61792D74ULL;  // "replay-t"
+constexpr uint64_t kStateTag = 0x7265706C61792D73ULL;   // "replay-s"
+
+uint64_t mix(uint64_t x) {
+  x ^= x >> 32;
+  x *= kMul;
+  x ^= x >> 32;
+  x *= kMul;
+  x ^= x >> 32;
+  return x;
+}
+
+bool read_words(PyObject* arg, Py_buffer* view, const uint64_t** words, Py_ssize_t* count) {
+  if (PyObject_GetBuffer(arg, view, PyBUF_SIMPLE) != 0) return false;
+  if (view->len % 8 != 0) {
+    PyBuffer_Release(view);
+    PyErr_SetString(PyExc_ValueError, "expected a buffer of 64-bit words");
+    return false;
+  }
+  *words = static_cast<const uint64_t*>(view->buf);
+  *count = view->len / 8;
+  return true;
+}
+
+// finish_fingerprints(words) -> bytes: words holds, per tensor, [kernel sum, dtype name hash,
+// rank, size_0, ..., size_{rank-1}]; the result holds one finished fingerprint per tensor.
+PyObject* finish_fingerprints(PyObject*, PyObject* arg) {
+  Py_buffer view;
+  const uint64_t* w;
+  Py_ssize_t n;
+  if (!read_words(arg, &view, &w, &n)) return nullptr;
+  std::vector<uint64_t> out;
+  Py_ssize_t i = 0;
+  while (i < n) {
+    if (n - i < 3 || static_cast<uint64_t>(n - i - 3) < w[i + 2]) {
+      PyBuffer_Release(&view);
+      PyErr_SetString(PyExc_ValueError, "finish_fingerprints: truncated record");
+      return nullptr;
+    }
+    uint64_t h = mix(w[i] ^ kTensorTag);
+    h = mix(h ^ w[i + 1]);
+    const uint64_t rank = w[i + 2];
+    h = mix(h ^ rank);
+    for (uint64_t d = 0; d < rank; ++d) h = mix(h ^ w[i + 3 + static_cast<Py_ssize_t>(d)]);
+    out.push_back(h);
+    i += 3 + static_cast<Py_ssize_t>(rank);
+  }
+  PyBuffer_Release(&view);
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(out.data()),
+                                   static_cast<Py_ssize_t>(out.size() * 8));
+}
+
+// combine_fingerprints(words) -> int: words holds [name hash, fingerprint] pairs; the result is
+// combine_state's order-independent digest of them.
+PyObject* combine_fingerprints(PyObject*, PyObject* arg) {
+  Py_buffer view;
+  const uint64_t* w;
+  Py_ssize_t n;
+  if (!read_words(arg, &view, &w, &n)) return nullptr;
+  if (n % 2 != 0) {
+    PyBuffer_Release(&view);
+    PyErr_SetString(PyExc_ValueError, "combine_fingerprints: expected (name hash, fingerprint) pairs");
+    return nullptr;
+  }
+  uint64_t total = 0;
+  for (Py_ssize_t i = 0; i < n; i += 2) total += mix(w[i] ^ w[i + 1]);
+  PyBuffer_Release(&view);
+  return PyLong_FromUnsignedLongLong(mix(mix(total ^ kStateTag) ^ static_cast<uint64_t>(n / 2)));
+}
+
+PyMethodDef methods[] = {
+    {"finish_fingerprints", finish_fingerprints, METH_O, "finish fingerprints (see replay/fingerprinting.py)"},
+    {"combine_fingerprints", combine_fingerprints, METH_O, "combine fingerprints (see replay/fingerprinting.py)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 // `import replay._C` loads this shared object, which registers the ops below with the
-// dispatcher; the Python module itself is empty.
+// dispatcher; the Python module itself holds only the host-side fingerprint finishing.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -32,6 +32,14 @@ def load():
     return torch.ops.replay
 
 
+def host():
+    """The extension's host-side functions (finish_fingerprints, combine_fingerprints)."""
+    load()
+    from . import _C
+
+    return _C
+
+
 def fingerprint_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Wrapping 64-bit sums of position-mixed element hashes, one per tensor (contiguous,
     1/2/4/8-byte elements), as int64 bits."""

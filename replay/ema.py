@@ -16,7 +16,7 @@ import math
 import torch
 
 from . import _ops
-from .fingerprinting import finish, fingerprints
+from .fingerprinting import finish_many, fingerprints
 
 
 class EMA:
@@ -77,8 +77,8 @@ class EMA:
         result: dict[str, int] = {}
         for entries in averaged.values():
             sums = _ops.ema_update_([a for _, a, _ in entries], [c for _, _, c in entries], decay=d)
-            for (name, average, _), s in zip(entries, sums[:, 0].tolist()):
-                result[name] = finish(s & ((1 << 64) - 1), average.dtype, average.shape)
+            for (name, _, _), fp in zip(entries, finish_many(sums[:, 0].tolist(), [a for _, a, _ in entries])):
+                result[name] = fp
         for (name, average), fp in zip(copied, fingerprints([a for _, a in copied])):
             result[name] = fp
         self.fingerprints = result

@@ -16,6 +16,7 @@ over memory, so their fingerprints come at no extra memory traffic and equal
 from __future__ import annotations
 
 import functools
+from array import array
 import hashlib
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -69,6 +70,28 @@ def finish(kernel_sum: int, dtype: torch.dtype, shape: Sequence[int]) -> int:
     for size in shape:
         h = _mix(h ^ int(size))
     return h
+
+
+_DTYPE_HASHES: dict[torch.dtype, int] = {}
+
+
+def _dtype_hash(dtype: torch.dtype) -> int:
+    value = _DTYPE_HASHES.get(dtype)
+    if value is None:
+        value = _DTYPE_HASHES[dtype] = name_hash(str(dtype))
+    return value
+
+
+def finish_many(kernel_sums: Sequence[int], tensors: Sequence) -> list[int]:
+    """[finish(s, t.dtype, t.shape) for s, t in zip(kernel_sums, tensors)] in one call to the
+    extension (csrc/ops.cpp): a step finishes dozens of fingerprints, and mixing them one by one
+    in Python cost more than the kernels that hashed the tensors. `tensors` may be anything with
+    .dtype and .shape; kernel sums may be signed (int64 bits) or unsigned."""
+    words: list[int] = []
+    for s, t in zip(kernel_sums, tensors):
+        shape = t.shape
+        words += (s & _MASK, _dtype_hash(t.dtype), len(shape), *shape)
+    return array("Q", _ops.host().finish_fingerprints(array("Q", words))).tolist()
 
 
 def _as_words(tensor: torch.Tensor) -> torch.Tensor:
@@ -129,17 +152,17 @@ def fingerprints(tensors: Sequence[torch.Tensor]) -> list[int]:
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"replay.fingerprint takes tensors, got {type(t).__name__}")
-    return [finish(s, t.dtype, t.shape) for s, t in zip(kernel_sums(tensors), tensors)]
+    return finish_many(kernel_sums(tensors), tensors) if tensors else []
 
 
 def combine_state(named_fingerprints: Iterable[tuple[str, int]]) -> int:
-    """Digest of a set of (name, fingerprint) pairs, independent of their order."""
-    total = 0
-    count = 0
+    """Digest of a set of (name, fingerprint) pairs, independent of their order:
+    mix(mix(sum_k mix(name_hash(name_k) ^ fp_k) ^ TAG) ^ count), the sum modulo 2^64 (computed
+    in the extension, csrc/ops.cpp; tests hold it to this formula written out in Python)."""
+    words: list[int] = []
     for name, fp in named_fingerprints:
-        total = (total + _mix(name_hash(name) ^ fp)) & _MASK
-        count += 1
-    return _mix(_mix(total ^ _STATE_TAG) ^ count)
+        words += (name_hash(name), fp & _MASK)
+    return _ops.host().combine_fingerprints(array("Q", words))
 
 
 def state_fingerprint(state: Mapping[str, torch.Tensor]) -> int:

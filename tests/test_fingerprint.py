@@ -8,6 +8,7 @@ integer equality; inputs come from fixed seeds.
 
 import collections
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -487,3 +488,42 @@ def test_state_fingerprint_rejects_bad_entries():
         replay.state_fingerprint({("a",): t})
     with pytest.raises(TypeError):
         replay.state_fingerprint({"a": t.to_sparse()})
+
+
+def test_vectorized_finish_and_combine_equal_the_scalar_reference():
+    """finish_many and combine_state (numpy, for many values) against finish and a loop of _mix
+    written out here: every rank, several dtypes, sums over the whole signed/unsigned range."""
+    import random
+
+    from replay.fingerprinting import _MASK, _STATE_TAG, _mix, combine_state, finish_many, name_hash
+
+    rng = random.Random(11)
+    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.uint8, torch.bool, torch.complex64]
+    for n in (1, 3, 4, 5, 40):
+        # finish_many reads only .dtype and .shape: huge shapes need no memory.
+        metas = [types.SimpleNamespace(dtype=rng.choice(dtypes),
+                                       shape=torch.Size(rng.choice([0, 1, 7, 2**40, 2**63 - 1])
+                                                        for _ in range(rng.randrange(0, 5))))
+                 for _ in range(n)]
+        sums = [rng.choice([0, _MASK, -1, -(2**63), 2**63 - 1]) if rng.random() < 0.3 else rng.randrange(-(2**63), 2**64)
+                for _ in range(n)]
+        assert finish_many(sums, metas) == [finish(s & _MASK, t.dtype, t.shape) for s, t in zip(sums, metas)]
+        pairs = [(f"part/{i}.{rng.random()}", rng.randrange(0, 2**64)) for i in range(n)]
+        total = 0
+        for name, fp in pairs:
+            total = (total + _mix(name_hash(name) ^ fp)) & _MASK
+        assert combine_state(pairs) == _mix(_mix(total ^ _STATE_TAG) ^ n)
+
+
+def test_the_extension_refuses_malformed_finishing_buffers():
+    from array import array
+
+    from replay import _ops
+
+    with pytest.raises(ValueError, match="64-bit words"):
+        _ops.host().finish_fingerprints(b"12345")
+    with pytest.raises(ValueError, match="truncated"):
+        _ops.host().finish_fingerprints(array("Q", [1, 2, 3, 4]))  # rank 3, one size
+    with pytest.raises(ValueError, match="pairs"):
+        _ops.host().combine_fingerprints(array("Q", [1, 2, 3]))
+    assert _ops.host().finish_fingerprints(array("Q")) == b""

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _numerics
-from ..fingerprinting import finish
+from ..fingerprinting import finish_many
 
 
 def check_param_group(optimizer_name: str, group: dict, float_keys: Sequence[str]) -> None:
@@ -102,8 +102,11 @@ class StepFingerprints:
             result: dict[int, dict[str, int]] = {}
             for indices, columns, sums, extra in self._batches:
                 rows = sums.tolist()
-                for k, (index, named, row) in enumerate(zip(indices, columns, rows)):
-                    entry = {name: finish(s & ((1 << 64) - 1), t.dtype, t.shape) for (name, t), s in zip(named, row)}
+                flat = [(name, t) for named in columns for name, t in named]
+                finished = iter(finish_many([s for named, row in zip(columns, rows) for s in row[:len(named)]],
+                                            [t for _, t in flat]))
+                for k, (index, named) in enumerate(zip(indices, columns)):
+                    entry = {name: next(finished) for name, _ in named}
                     if extra is not None:
                         entry.update(extra[k])
                     result[index] = entry
