@@ -179,14 +179,14 @@ class Engine:
 
         model_fps: dict[str, int] = {}
         todo = []
-        by_name = {name: index_of.get(id(p)) for name, p in self.model.named_parameters()} if kernel else {}
         for name, tensor in self.model.state_dict(keep_vars=True).items():
-            index = by_name.get(name)
-            entry = kernel.get(index) if index is not None and index_of.get(id(tensor)) == index else None
+            # A parameter the step's kernel wrote has its fingerprint there (under every name a
+            # tied parameter has: it is one tensor, with one fingerprint).
+            entry = kernel.get(index_of.get(id(tensor))) if kernel else None
             if entry is not None:
                 model_fps[name] = entry["param"]
             else:
-                todo.append((name, tensor.detach()))
+                todo.append((name, tensor))
         sections.append((model_fps, todo))
 
         optimizer_fps: dict[str, int] = {}

@@ -122,6 +122,15 @@ def fingerprint_scalar(tensor: torch.Tensor) -> int:
     return finish(element_term(bits, 0, 4), tensor.dtype, tensor.shape)
 
 
+@functools.lru_cache(maxsize=1024)
+def fingerprint_float32_scalar(value: float) -> int:
+    """fingerprint() of a 0-dim float32 CPU tensor holding `value` (a float32 value read back as
+    a Python float, as an optimizer's step count is): one per distinct step count, not one per
+    parameter and step."""
+    (bits,) = struct.unpack("<I", struct.pack("<f", value))
+    return finish(element_term(bits, 0, 4), torch.float32, ())
+
+
 def kernel_sums(tensors: Sequence[torch.Tensor]) -> list[int]:
     """Kernel sums (unsigned 64-bit ints) of several tensors, one op call per device."""
     words = [_as_words(t) for t in tensors]

@@ -79,9 +79,11 @@ def _ids_bytes(ids) -> bytes:
             ids = list(ids)
         if len(ids) == 0:
             return b""
-        for x in ids:
-            if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-                raise TypeError(f"ids must be integers, got {type(x).__name__} {x!r}")
+        # The common case (a step's batch: Python ints) is checked without an ABC check per id.
+        if not all(type(x) is int for x in ids):
+            for x in ids:
+                if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+                    raise TypeError(f"ids must be integers, got {type(x).__name__} {x!r}")
         try:
             array = np.asarray(ids, dtype=np.int64)
         except OverflowError:

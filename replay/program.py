@@ -40,8 +40,9 @@ class Stateful(Protocol):
 
 @dataclass
 class StepContext:
-    """What a step function gets. `generators` holds a torch.Generator per declared random
-    stream (except "dropout": torch's global generator is seeded from it before every step)."""
+    """What a step function gets. `generators` maps every declared random stream (except
+    "dropout": torch's global generator is seeded from it before every step) to a
+    torch.Generator seeded for this step (a read-only mapping; each is made when first used)."""
 
     step: int
     epoch: int
@@ -52,7 +53,7 @@ class StepContext:
     scheduler: Any
     ema: Any
     components: dict[str, Stateful]
-    generators: dict[str, torch.Generator]
+    generators: Mapping[str, torch.Generator]
     program: "Program"
 
 

@@ -248,10 +248,11 @@ class RngContract:
         generator.manual_seed(seed)
         return generator
 
-    def generators(self, step: int, device="cpu") -> dict[str, torch.Generator]:
+    def generators(self, step: int, device="cpu") -> "StepGenerators":
         """Fresh generators at `step` for every declared stream except "dropout" (which seeds
-        torch's global generators through seed_global)."""
-        return {s: self.generator(s, step, device) for s in self._streams if s != "dropout"}
+        torch's global generators through seed_global): a read-only mapping that makes each
+        generator when it is first looked up (most steps use one stream or none)."""
+        return StepGenerators(self, step, device)
 
     def seed_global(self, step: int) -> None:
         """seed_torch_globals(seed("dropout", step)): seeds the global CPU generator and every
@@ -331,3 +332,33 @@ class RngContract:
     def __repr__(self):
         extra = "" if not self._reseeds else f", reseeds={self._reseeds!r}"
         return f"RngContract(run_seed={self._run_seed}, streams={self._streams!r}{extra})"
+
+
+class StepGenerators(Mapping):
+    """{stream: torch.Generator} of one step, made on first lookup. A generator is a pure
+    function of (contract, stream, step), so when it is made changes nothing."""
+
+    __slots__ = ("_contract", "_step", "_device", "_made", "_names")
+
+    def __init__(self, contract: RngContract, step: int, device="cpu"):
+        self._contract, self._step, self._device = contract, step, device
+        self._names = tuple(s for s in contract.streams if s != "dropout")
+        self._made: dict[str, torch.Generator] = {}
+
+    def __getitem__(self, stream: str) -> torch.Generator:
+        generator = self._made.get(stream)
+        if generator is None:
+            if stream not in self._names:
+                raise KeyError(f"no generator for stream {stream!r} in a step; the streams are {list(self._names)} "
+                               "(\"dropout\" seeds torch's global generators)")
+            generator = self._made[stream] = self._contract.generator(stream, self._step, self._device)
+        return generator
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"StepGenerators(step={self._step}, streams={list(self._names)})"

@@ -145,6 +145,22 @@ def test_generators_cover_every_stream_but_dropout():
         assert g.initial_seed() == contract.seed(s, 4)
 
 
+def test_step_generators_are_made_on_first_lookup_and_refuse_unknown_streams():
+    contract = RngContract(2, STREAMS)
+    gens = contract.generators(4)
+    first = gens["augment"]
+    assert gens["augment"] is first  # one generator per stream and step: its draws continue
+    assert torch.equal(first.get_state(), contract.generator("augment", 4).get_state())
+    draws = torch.rand(5, generator=gens["noise"])
+    assert torch.equal(draws, torch.rand(5, generator=contract.generator("noise", 4)))
+    for bad in ("dropout", "nope"):
+        with pytest.raises(KeyError, match="no generator for stream"):
+            gens[bad]
+    assert len(gens) == len(STREAMS) - 1 and "dropout" not in gens and "augment" in gens
+    with pytest.raises(TypeError):
+        gens["augment"] = torch.Generator()
+
+
 def test_seed_global_makes_global_draws_a_function_of_step():
     contract = RngContract(5, STREAMS)
     dropout = torch.nn.Dropout(p=0.5)

@@ -132,7 +132,10 @@ def _encode_row(row: StepRow) -> tuple:
         raise TypeError(f"expected a StepRow, got {type(row).__name__}")
     step = _int(row.step, "StepRow.step")
     epoch = _int(row.epoch, "StepRow.epoch")
-    batch_ids = [_int(b, "StepRow.batch_ids[...]", None) for b in row.batch_ids]
+    # Fast paths for what the engine writes (Python ints); anything else is checked one by one.
+    batch_ids = list(row.batch_ids)
+    if not all(type(b) is int for b in batch_ids):
+        batch_ids = [_int(b, "StepRow.batch_ids[...]", None) for b in batch_ids]
     if not isinstance(row.batch_hash, str):
         raise TypeError("StepRow.batch_hash must be a str")
     loss = None if row.loss is None else float_to_text(_float(row.loss, "StepRow.loss"))
@@ -150,7 +153,9 @@ def _encode_row(row: StepRow) -> tuple:
         for name, fp in tensors.items():
             if not isinstance(name, str):
                 raise TypeError(f"StepRow.fingerprints[{comp!r}] keys must be str, got {name!r}")
-            fps[comp][name] = f"{_u64(fp, f'fingerprint {comp}/{name}'):016x}"
+            if type(fp) is not int or not 0 <= fp < _U64:
+                fp = _u64(fp, f"fingerprint {comp}/{name}")  # raises with the reason, or normalizes
+            fps[comp][name] = f"{fp:016x}"
     digest = f"{_u64(row.digest, 'StepRow.digest'):016x}"
     return (step, epoch, _dumps(batch_ids), row.batch_hash, loss, lr, _dumps(metrics),
             _dumps(fps), digest)
