@@ -13,8 +13,10 @@ template <typename Word>
 inline __attribute__((always_inline)) void fingerprint_range_impl(const Word* data, int64_t begin,
                                                                   int64_t end, uint64_t* out) {
   uint64_t acc = 0;
+  uint64_t index_golden = static_cast<uint64_t>(begin) * kernels::kFingerprintGolden;
   for (int64_t i = begin; i < end; ++i) {
-    acc += kernels::fingerprint_word_term(data[i], static_cast<uint64_t>(i));
+    acc += kernels::fingerprint_word_term_at(data[i], index_golden);
+    index_golden += kernels::kFingerprintGolden;  // (i + 1) * GOLDEN, without a multiply
   }
   *out = acc;
 }

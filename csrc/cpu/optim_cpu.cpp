@@ -23,7 +23,8 @@ namespace {
 // The mode torch's ATen/cpu/vml.h passes: VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
 constexpr long long kTorchVmlMode = 0x00000002LL | 0x00140000LL | 0x00000100LL;
 
-using kernels::float_term;
+using kernels::float_term_at;
+using kernels::kFingerprintGolden;
 
 #define REPLAY_ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -44,6 +45,8 @@ REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdS
   // branch on it folds away.
   kernels::SgdScalars s = scalars;
   uint64_t fp_param = 0, fp_buffer = 0;
+  // i * GOLDEN carried as an induction variable (see fingerprint_term32_at).
+  uint64_t ig = static_cast<uint64_t>(r.begin) * kFingerprintGolden;
   if (scalars.has_momentum) {
     s.has_momentum = true;
     for (int64_t i = r.begin; i < r.end; ++i) {
@@ -52,8 +55,9 @@ REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdS
       r.param[i] = p;
       r.buffer[i] = b;
       if (kHash) {
-        fp_param += float_term(p, i);
-        fp_buffer += float_term(b, i);
+        fp_param += float_term_at(p, ig);
+        fp_buffer += float_term_at(b, ig);
+        ig += kFingerprintGolden;
       }
     }
   } else {
@@ -63,7 +67,10 @@ REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdS
       float p = r.param[i];
       kernels::sgd_element<kFused>(p, r.grad[i], unused, 0u, s);
       r.param[i] = p;
-      if (kHash) fp_param += float_term(p, i);
+      if (kHash) {
+        fp_param += float_term_at(p, ig);
+        ig += kFingerprintGolden;
+      }
     }
   }
   r.sums[0] = fp_param;
@@ -104,13 +111,16 @@ REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::Ad
   const float neg_step_size = r.neg_step_size;
   const float bias_correction2_sqrt = r.bias_correction2_sqrt;
   uint64_t fp[4] = {0, 0, 0, 0};
-  auto hash = [&](int64_t index, float pj, float mj, float vj, float vmaxj) {
+  // Called once per element, in index order from r.begin: i * GOLDEN is carried as an
+  // induction variable (see fingerprint_term32_at).
+  uint64_t ig = static_cast<uint64_t>(r.begin) * kFingerprintGolden;
+  auto hash = [&](float pj, float mj, float vj, float vmaxj) {
     if (!kHash) return;
-    const uint64_t i = static_cast<uint64_t>(index);
-    fp[0] += float_term(pj, i);
-    fp[1] += float_term(mj, i);
-    fp[2] += float_term(vj, i);
-    if (kAmsgrad) fp[3] += float_term(vmaxj, i);
+    fp[0] += float_term_at(pj, ig);
+    fp[1] += float_term_at(mj, ig);
+    fp[2] += float_term_at(vj, ig);
+    if (kAmsgrad) fp[3] += float_term_at(vmaxj, ig);
+    ig += kFingerprintGolden;
   };
   if constexpr (!kTorchSqrt) {
     // Portable numerics: one loop, IEEE sqrt in line (vsqrtps).
@@ -128,7 +138,7 @@ REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::Ad
       m[i] = mi;
       v[i] = vi;
       if (kAmsgrad) vmax[i] = vmaxi;
-      hash(i, pi, mi, vi, vmaxi);
+      hash(pi, mi, vi, vmaxi);
     }
   } else {
     // Torch numerics: torch's vector sqrt is a library call, so the step runs in blocks that
@@ -156,7 +166,7 @@ REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::Ad
         const float pj = kernels::adam_param(p[j], m[j], root[j], neg_step_size,
                                              bias_correction2_sqrt, s.eps);
         p[j] = pj;
-        hash(block + j, pj, m[j], v[j], kAmsgrad ? vmax[j] : 0.0f);
+        hash(pj, m[j], v[j], kAmsgrad ? vmax[j] : 0.0f);
       }
     }
   }
@@ -195,10 +205,12 @@ REPLAY_ALWAYS_INLINE void ema_range_impl(float* average, const float* source,
                                          int64_t begin, int64_t end, uint64_t* sum) {
   const kernels::LerpWeight w = weight;  // a local copy, as in adam_range_typed
   uint64_t fp = 0;
+  uint64_t ig = static_cast<uint64_t>(begin) * kFingerprintGolden;  // i * GOLDEN, carried
   for (int64_t i = begin; i < end; ++i) {
     const float a = kernels::ema_element(average[i], source[i], w);
     average[i] = a;
-    if (hash) fp += float_term(a, static_cast<uint64_t>(i));
+    if (hash) fp += float_term_at(a, ig);
+    ig += kFingerprintGolden;
   }
   *sum = fp;
 }

@@ -25,19 +25,31 @@ constexpr uint64_t kFingerprintMul = 0xD6E8FEB86659FD93ULL;
 //
 // Words of 1, 2 or 4 bytes: their bits sit below the multiply's low 32 bits, whose changes the
 // multiply spreads over the whole product before the final xor-shift folds it back down.
-REPLAY_HD uint64_t fingerprint_term32(uint32_t bits, uint64_t index) {
-  const uint64_t y = (static_cast<uint64_t>(bits) ^ (index * kFingerprintGolden)) * kFingerprintMul;
+//
+// The *_at variants take index * kFingerprintGolden (mod 2^64) instead of the index: a CPU loop
+// carries it as an induction variable, one add per element where a 64-bit multiply would cost
+// as much as the term's own (x86 has no cheap vector 64-bit multiply). Same values.
+REPLAY_HD uint64_t fingerprint_term32_at(uint32_t bits, uint64_t index_golden) {
+  const uint64_t y = (static_cast<uint64_t>(bits) ^ index_golden) * kFingerprintMul;
   return y ^ (y >> 32);
+}
+
+REPLAY_HD uint64_t fingerprint_term32(uint32_t bits, uint64_t index) {
+  return fingerprint_term32_at(bits, index * kFingerprintGolden);
 }
 
 // 8-byte words need one more xor-shift first: a multiply only carries changes upwards, so a
 // flip of a high bit (the sign of a float64) would otherwise change the term by one of a
 // handful of values, and two such flips could cancel in the sum.
-REPLAY_HD uint64_t fingerprint_term64(uint64_t bits, uint64_t index) {
-  uint64_t x = bits ^ (index * kFingerprintGolden);
+REPLAY_HD uint64_t fingerprint_term64_at(uint64_t bits, uint64_t index_golden) {
+  uint64_t x = bits ^ index_golden;
   x ^= x >> 32;
   const uint64_t y = x * kFingerprintMul;
   return y ^ (y >> 32);
+}
+
+REPLAY_HD uint64_t fingerprint_term64(uint64_t bits, uint64_t index) {
+  return fingerprint_term64_at(bits, index * kFingerprintGolden);
 }
 
 // The term of a word of any supported width (uint8_t, uint16_t, uint32_t or uint64_t).
@@ -50,8 +62,20 @@ REPLAY_HD uint64_t fingerprint_word_term(Word bits, uint64_t index) {
   }
 }
 
+template <typename Word>
+REPLAY_HD uint64_t fingerprint_word_term_at(Word bits, uint64_t index_golden) {
+  if constexpr (sizeof(Word) == 8) {
+    return fingerprint_term64_at(static_cast<uint64_t>(bits), index_golden);
+  } else {
+    return fingerprint_term32_at(static_cast<uint32_t>(bits), index_golden);
+  }
+}
+
 // The term of a float32 element (what the optimizer and EMA kernels add for what they write).
 REPLAY_HD uint64_t float_term(float x, uint64_t index) { return fingerprint_term32(bits_of(x), index); }
+REPLAY_HD uint64_t float_term_at(float x, uint64_t index_golden) {
+  return fingerprint_term32_at(bits_of(x), index_golden);
+}
 
 }  // namespace kernels
 }  // namespace replay
