@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet numpy scipy matplotlib safetensors tqdm scikit-learn pytest ninja wheel "setuptools>=64"
+	$(PY) -m pip install --quiet numpy scipy matplotlib safetensors tqdm scikit-learn pytest pytest-benchmark ninja wheel "setuptools>=64"
 	$(PY) -m pip install --quiet --no-build-isolation -e .
 	touch $@
 
@@ -30,11 +30,11 @@ quickstart: install
 test: install
 	$(PY) -m pytest -q
 
+# The benchmarks (pytest-benchmark, candidates interleaved; minutes: the recording-overhead
+# rounds are whole training runs), then the README's tables from their JSON. `make test` runs them once at tiny sizes (the smoke mode, benches/conftest.py).
 bench: install
-	$(PY) benches/optimizer_step.py
-	$(PY) benches/fingerprint.py
-	$(PY) benches/record_overhead.py
-	$(PY) benches/fork_latency.py
+	$(PY) -m pytest benches/ --benchmark-only --benchmark-json=benches/results.json
+	$(PY) benches/tables.py benches/results.json
 
 clean:
 	rm -rf build replay/_C*.so *.egg-info
