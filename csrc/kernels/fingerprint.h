@@ -52,16 +52,8 @@ REPLAY_HD uint64_t fingerprint_term64(uint64_t bits, uint64_t index) {
   return fingerprint_term64_at(bits, index * kFingerprintGolden);
 }
 
-// The term of a word of any supported width (uint8_t, uint16_t, uint32_t or uint64_t).
-template <typename Word>
-REPLAY_HD uint64_t fingerprint_word_term(Word bits, uint64_t index) {
-  if constexpr (sizeof(Word) == 8) {
-    return fingerprint_term64(static_cast<uint64_t>(bits), index);
-  } else {
-    return fingerprint_term32(static_cast<uint32_t>(bits), index);
-  }
-}
-
+// The term of a word of any supported width (uint8_t, uint16_t, uint32_t or uint64_t), from
+// index * kFingerprintGolden (the _at form) or from the index.
 template <typename Word>
 REPLAY_HD uint64_t fingerprint_word_term_at(Word bits, uint64_t index_golden) {
   if constexpr (sizeof(Word) == 8) {
@@ -69,6 +61,11 @@ REPLAY_HD uint64_t fingerprint_word_term_at(Word bits, uint64_t index_golden) {
   } else {
     return fingerprint_term32_at(static_cast<uint32_t>(bits), index_golden);
   }
+}
+
+template <typename Word>
+REPLAY_HD uint64_t fingerprint_word_term(Word bits, uint64_t index) {
+  return fingerprint_word_term_at(bits, index * kFingerprintGolden);
 }
 
 // The term of a float32 element (what the optimizer and EMA kernels add for what they write).
