@@ -279,8 +279,11 @@ def test_ctrl_c_exits_130_and_the_run_resumes_bit_for_bit(tmp_path, recorded):
     ready = tmp_path / "ready"
     out = tmp_path / "run"
     env = dict(os.environ, READY_FILE=str(ready), PYTHONPATH=str(ROOT))
+    # SIGINT at its default in the child: a test run started in the background (`cmd &` in a
+    # script, nohup) has it ignored, which every child would inherit (Ctrl-C could not reach them).
     proc = subprocess.Popen([sys.executable, "-m", "replay.cli", "record", f"{program}:program", "--out", str(out),
-                             "--no-progress"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--no-progress"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not ready.exists():
         assert proc.poll() is None, proc.communicate()
