@@ -16,9 +16,9 @@ over memory, so their fingerprints come at no extra memory traffic and equal
 from __future__ import annotations
 
 import functools
-from array import array
 import hashlib
 import struct
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -113,22 +113,20 @@ def _as_words(tensor: torch.Tensor) -> torch.Tensor:
     return t.view(word) if t.dtype != word else t
 
 
-def fingerprint_scalar(tensor: torch.Tensor) -> int:
+def fingerprint_scalar(tensor: torch.Tensor, value: float | None = None) -> int:
     """fingerprint() of a one-element float32 CPU tensor (an optimizer's step count), without
-    a kernel call: a per-parameter op call would cost more than the step it describes."""
+    a kernel call: a per-parameter op call would cost more than the step it describes. `value`,
+    if the caller already read it (tensor.item()), saves reading it again."""
     if tensor.dtype != torch.float32 or tensor.numel() != 1 or tensor.device.type != "cpu":
         return fingerprint(tensor)
-    (bits,) = struct.unpack("<I", struct.pack("<f", tensor.item()))
-    return finish(element_term(bits, 0, 4), tensor.dtype, tensor.shape)
+    return _float32_scalar_fingerprint(tensor.item() if value is None else value, tuple(tensor.shape))
 
 
 @functools.lru_cache(maxsize=1024)
-def fingerprint_float32_scalar(value: float) -> int:
-    """fingerprint() of a 0-dim float32 CPU tensor holding `value` (a float32 value read back as
-    a Python float, as an optimizer's step count is): one per distinct step count, not one per
-    parameter and step."""
+def _float32_scalar_fingerprint(value: float, shape: tuple[int, ...]) -> int:
+    """One per distinct (step count, shape), not one per parameter and step."""
     (bits,) = struct.unpack("<I", struct.pack("<f", value))
-    return finish(element_term(bits, 0, 4), torch.float32, ())
+    return finish(element_term(bits, 0, 4), torch.float32, shape)
 
 
 def kernel_sums(tensors: Sequence[torch.Tensor]) -> list[int]:

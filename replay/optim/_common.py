@@ -102,9 +102,8 @@ class StepFingerprints:
             result: dict[int, dict[str, int]] = {}
             for indices, columns, sums, extra in self._batches:
                 rows = sums.tolist()
-                flat = [(name, t) for named in columns for name, t in named]
                 finished = iter(finish_many([s for named, row in zip(columns, rows) for s in row[:len(named)]],
-                                            [t for _, t in flat]))
+                                            [t for named in columns for _, t in named]))
                 for k, (index, named) in enumerate(zip(indices, columns)):
                     entry = {name: next(finished) for name, _ in named}
                     if extra is not None:

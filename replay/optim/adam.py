@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from ..fingerprinting import fingerprint_float32_scalar, fingerprint_scalar
+from ..fingerprinting import fingerprint_scalar
 from ._common import FusedOptimizerMixin, contiguous_grad
-
-
-def _float32_cpu_scalar(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.dim() == 0 and t.device.type == "cpu"
 
 
 class _AdamFamily(FusedOptimizerMixin):
@@ -63,11 +59,8 @@ class _AdamFamily(FusedOptimizerMixin):
             if amsgrad:
                 named.append(("max_exp_avg_sq", max_exp_avg_sqs[k]))
             columns.append(named)
-        # The step tensors hold float32 values and `steps` their exact Python floats.
-        extra = None
-        if self.fingerprint:
-            extra = [{"step": fingerprint_float32_scalar(value) if _float32_cpu_scalar(t) else fingerprint_scalar(t)}
-                     for value, t in zip(steps, step_tensors)]
+        # `steps` holds the step tensors' values, read above.
+        extra = [{"step": fingerprint_scalar(t, value)} for value, t in zip(steps, step_tensors)] if self.fingerprint else None
         return columns, sums, extra
 
 
