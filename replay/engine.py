@@ -49,13 +49,18 @@ def _json_hash(obj) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
 
 
+def _nested_parts(state) -> tuple[list[tuple[str, torch.Tensor]], int]:
+    """A nested state's tensors by path (sorted) and the hash of everything that is not a tensor."""
+    skeleton, tensors = flatten_state(state)
+    return [(n, tensors[n]) for n in sorted(tensors)], _json_hash(skeleton)
+
+
 def nested_fingerprints(state) -> dict[str, int]:
     """Fingerprints of a nested state (a state_dict of tensors and plain values): one per tensor,
     by its path, plus "_structure" for everything that is not a tensor."""
-    skeleton, tensors = flatten_state(state)
-    names = sorted(tensors)
-    result = dict(zip(names, fingerprints([tensors[n] for n in names])))
-    result["_structure"] = _json_hash(skeleton)
+    named, structure = _nested_parts(state)
+    result = dict(zip([n for n, _ in named], fingerprints([t for _, t in named])))
+    result["_structure"] = structure
     return result
 
 
@@ -215,10 +220,9 @@ class Engine:
                 sections.append((result["ema"], list(self.ema.state_dict().items())))
         structures = {}
         for name, component in self.components.items():
-            skeleton, tensors = flatten_state(component.state_dict())
+            named, structures[f"component:{name}"] = _nested_parts(component.state_dict())
             result[f"component:{name}"] = {}
-            sections.append((result[f"component:{name}"], [(n, tensors[n]) for n in sorted(tensors)]))
-            structures[f"component:{name}"] = _json_hash(skeleton)
+            sections.append((result[f"component:{name}"], named))
 
         hashed = iter(fingerprints([t for _, todo in sections for _, t in todo]))
         for entries, todo in sections:
