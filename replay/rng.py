@@ -145,15 +145,15 @@ def seed_torch_globals(seed: int) -> None:
     not available can never be initialized in this process, so it is skipped; an available one
     is seeded as torch.manual_seed would (queued if not yet initialized)."""
     seed = int(seed)
+    custom = getattr(torch, torch._C._get_privateuse1_backend_name(), None)
+    if custom is not None and hasattr(custom, "manual_seed_all"):
+        torch.manual_seed(seed)  # an out-of-tree device: torch's own path, whatever it costs
+        return
     for device in (torch.cuda, torch.xpu, torch.mtia):
         if device.is_available() and not device._is_in_bad_fork():
             device.manual_seed_all(seed)
     if torch.backends.mps.is_available() and not torch.mps._is_in_bad_fork():
         torch.mps.manual_seed(seed)
-    custom = getattr(torch, torch._C._get_privateuse1_backend_name(), None)
-    if custom is not None and hasattr(custom, "manual_seed_all"):
-        torch.manual_seed(seed)  # an out-of-tree device: torch's own path, whatever it costs
-        return
     torch.default_generator.manual_seed(seed)
 
 
