@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "cpu/ops_cpu.h"
+#include "kernels/fingerprint.h"
 
 #include <cstdint>
 #include <vector>
@@ -21,7 +22,7 @@ namespace {
 // combine_state are the reference, and tests compare the two). A step finishes dozens of
 // fingerprints; one call here costs less than a torch op call, and far less than mixing them in
 // Python. Plain CPython functions on uint64 buffers, not dispatcher ops: they touch no tensor.
-constexpr uint64_t kMul = 0xD6E8FEB86659FD93ULL;
+constexpr uint64_t kMul = replay::kernels::kFingerprintMul;
 constexpr uint64_t kTensorTag = 0x7265706C61792D74ULL;  // "replay-t"
 constexpr uint64_t kStateTag = 0x7265706C61792D73ULL;   // "replay-s"
 
