@@ -33,6 +33,18 @@ def make_params(n: int, seed: int = 0) -> list[torch.Tensor]:
     return params
 
 
+def shared_candidates(torch_opt, replay_opt) -> dict:
+    """The candidates every optimizer has: torch's three CPU paths, replay's with and without
+    fingerprints (each argument makes an optimizer from keyword arguments and returns its step)."""
+    return {
+        "torch single-tensor": torch_opt(foreach=False),
+        "torch foreach": torch_opt(foreach=True),
+        "torch fused": torch_opt(fused=True),
+        "replay portable + fingerprints": replay_opt(),
+        "replay portable, no fingerprints": replay_opt(fingerprint=False),
+    }
+
+
 def adamw_candidates(n: int) -> dict:
     def torch_opt(**kw):
         return torch.optim.AdamW(make_params(n), lr=1e-3, **kw).step
@@ -46,11 +58,7 @@ def adamw_candidates(n: int) -> dict:
     vs = [torch.zeros_like(p) for p in ps]
     yard = [p.detach() for p in ps]
     return {
-        "torch single-tensor": torch_opt(foreach=False),
-        "torch foreach": torch_opt(foreach=True),
-        "torch fused": torch_opt(fused=True),
-        "replay portable + fingerprints": replay_opt(),
-        "replay portable, no fingerprints": replay_opt(fingerprint=False),
+        **shared_candidates(torch_opt, replay_opt),
         "replay torch-numerics + fingerprints": replay_opt(numerics="torch"),
         "yardstick (bytes of a step)": lambda: _ops.bandwidth_yardstick_(yard, grads, ms, vs),
     }
@@ -63,13 +71,7 @@ def sgd_candidates(n: int) -> dict:
     def replay_opt(**kw):
         return replay.optim.SGD(make_params(n), lr=1e-3, momentum=0.9, **kw).step
 
-    return {
-        "torch single-tensor": torch_opt(foreach=False),
-        "torch foreach": torch_opt(foreach=True),
-        "torch fused": torch_opt(fused=True),
-        "replay portable + fingerprints": replay_opt(),
-        "replay portable, no fingerprints": replay_opt(fingerprint=False),
-    }
+    return shared_candidates(torch_opt, replay_opt)
 
 
 @pytest.mark.benchmark(group="optimizer step")
