@@ -6,6 +6,7 @@
     replay inspect DIR [--json]                           summary, checkpoints, order, environment
     replay fork RUN --at T --perturb SPEC [...] --out DIR  a counterfactual child run
     replay check RUN [--at T ...]                         placebo forks: is all state captured?
+    replay forget RUN --examples IDS --out DIR [--dry-run] remove examples by replaying the tail
     replay tree DIR                                       the lineage tree of the runs below DIR
     replay diff A B                                       where two runs part, per component
     replay experiment SPEC.toml --out DIR [--workers N]   seeds x forks x arms -> estimates
@@ -40,10 +41,11 @@ def _cmd_record(args) -> int:
     check_run_out(args.out)
     _positive("--steps", args.steps)
     _positive("--checkpoint-every", args.checkpoint_every)
+    dropped = _example_ids(args.drop_examples, args.drop_examples_file, "--drop-examples", required=False)
     out = RecordSession(args.program, args.out, seed=args.seed, steps=args.steps,
                         checkpoint_every=args.checkpoint_every,
                         checkpoint_log_spaced=True if args.log_spaced else None,
-                        progress=not args.no_progress).run()
+                        progress=not args.no_progress, drop_examples=dropped).run()
     with RunDir.open(out) as run:
         last = run.ledger.last_step()
     print(f"recorded {0 if last is None else last + 1} steps into {out}")
@@ -73,6 +75,16 @@ def _cmd_verify(args) -> int:
             rows, checkpoints = len(run.ledger.rows()), len(run.ledger.checkpoints())
         print(f"OK: the manifest, the ledger ({rows} steps) and {checkpoints} checkpoints are intact (files only, not replayed)")
         return 0
+    if args.certificate:
+        from .forget import check_certificate
+
+        if args.start is not None or args.end is not None:
+            raise ValueError("--certificate replays the whole child; it takes no --from / --to")
+        checked = check_certificate(args.run, progress=not args.no_progress,
+                                    allow_source_change=args.allow_source_change,
+                                    allow_environment_change=args.allow_environment_change)
+        print(checked.describe())
+        return 0 if checked.ok else 1
     session = ReplaySession(args.run, allow_source_change=args.allow_source_change,
                             allow_environment_change=args.allow_environment_change)
     report = session.verify(args.start, args.end, progress=not args.no_progress)
@@ -184,6 +196,42 @@ def _cmd_check(args) -> int:
             print(f"placebo fork at step {r['at']}: DIVERGES, state the program does not capture:")
             print("  " + r["divergence"].replace("\n", "\n  "))
     return 1 if failed else 0
+
+
+def _example_ids(inline: list[str] | None, file: str | None, flag: str, required: bool = True) -> list[int]:
+    """Example ids from `flag IDS...` or `flag-file F` (exactly one of them when required)."""
+    from .forget import parse_ids, read_ids_file
+
+    if inline and file:
+        raise ValueError(f"give {flag} or {flag}-file, not both")
+    if inline:
+        return parse_ids(" ".join(inline))
+    if file:
+        return read_ids_file(file)
+    if required:
+        raise ValueError(f"give the example ids: {flag} IDS (e.g. 3,17,40-49) or {flag}-file FILE")
+    return []
+
+
+def _cmd_forget(args) -> int:
+    from .forget import CERTIFICATE, forget, plan_forget
+
+    ids = _example_ids(args.examples, args.examples_file, "--examples")
+    if args.dry_run:
+        print(plan_forget(args.run, ids).describe())
+        return 0
+    if args.out is None:
+        raise ValueError("replay forget needs --out DIR (or --dry-run)")
+    from .outputs import check_run_out
+
+    check_run_out(args.out)
+    plan = plan_forget(args.run, ids)
+    out = forget(args.run, ids, args.out, progress=not args.no_progress)
+    t = plan.fork_step
+    print(f"forgot {len(plan.ids)} example(s) from {args.run}: forked at step {t} (the first step any was seen), "
+          f"replayed steps {t}..{plan.total - 1} ({plan.total - t} of {plan.total}, {100 * plan.share(t):.1f}%) into {out}")
+    print(f"certificate: {os.path.join(out, CERTIFICATE)} (re-check: replay verify {out} --certificate)")
+    return 0
 
 
 MAX_STEPS = 10**9  # no run, window or horizon is longer
@@ -356,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--log-spaced", action="store_true", help="also checkpoint at steps 1, 2, 4, 8, ...")
+    p.add_argument("--drop-examples", nargs="+", metavar="IDS",
+                   help="leave these example ids out of every batch from step 0 (e.g. 3,17,40-49)")
+    p.add_argument("--drop-examples-file", metavar="FILE", help="the ids to leave out, from a file")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_record)
 
@@ -371,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the integrity of every recorded file only (hash, then parse); no replay, no code run")
     p.add_argument("--from", dest="start", type=int)
     p.add_argument("--to", dest="end", type=int, help="exclusive")
+    p.add_argument("--certificate", action="store_true",
+                   help="re-check a forget certificate: recompute it from the ledgers and replay the child")
     p.add_argument("--no-progress", action="store_true")
     allow_flags(p)
     p.set_defaults(func=_cmd_verify)
@@ -400,6 +453,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="steps to run after each fork (default: to the end)")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("forget", help="remove examples from a run exactly: fork where they were first seen, "
+                                      "replay the tail without them, write a certificate")
+    p.add_argument("run")
+    p.add_argument("--examples", nargs="+", metavar="IDS", help="example ids, e.g. 3,17,40-49")
+    p.add_argument("--examples-file", metavar="FILE", help="ids from a file (a JSON list, or ids and ranges as text)")
+    p.add_argument("--out", help="the child run directory")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the fork step and the share of the run to replay, for each id and the set")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_forget)
 
     p = sub.add_parser("tree", help="the lineage tree of the runs below a folder")
     p.add_argument("dir")
@@ -565,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         run = args.run if args.command == "resume" else getattr(args, "out", None)
-        hint = f"; `replay resume {run}` continues the recording" if args.command in ("record", "resume", "fork") and run else ""
+        hint = f"; `replay resume {run}` continues the recording" if args.command in ("record", "resume", "fork", "forget") and run else ""
         print(f"replay: interrupted{hint}", file=sys.stderr)
         return 130
     except MemoryError as error:

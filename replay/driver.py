@@ -29,7 +29,7 @@ MANIFEST_VERSION = 1
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_VERSION", "Divergence", "ReplayRefused", "check_restored_state",
-    "child_manifest", "compare_fingerprints", "compare_record", "engine_for_run", "fresh_engine",
+    "child_manifest", "compare_fingerprints", "compare_record", "dropped_from_start", "engine_for_run", "fresh_engine",
     "load_run_program", "progress_bar", "program_as_recorded", "record_steps", "restore",
     "root_manifest", "state_differences",
 ]
@@ -108,7 +108,15 @@ def engine_for_run(run: RunDir | dict, program: Program, extra_perturbations=())
     manifest = run if isinstance(run, dict) else run.manifest
     perturbations = [from_spec(spec) for spec in manifest.get("lineage", {}).get("perturbations", [])]
     return Engine(program, RngContract.from_json(manifest["rng"]), manifest["order"],
-                  perturbations + list(extra_perturbations))
+                  dropped_from_start(manifest.get("dropped_examples")) + perturbations + list(extra_perturbations))
+
+
+def dropped_from_start(ids) -> list:
+    """The perturbation of a recording that leaves examples out of every batch from step 0
+    (`replay record --drop-examples`): [] when no ids are given."""
+    from .perturb import from_spec
+
+    return [from_spec({"name": "drop_examples", "ids": list(ids)}, start=0)] if ids else []
 
 
 def fresh_engine(run: RunDir, program: Program) -> Engine:
@@ -126,10 +134,12 @@ def _common(engine: Engine) -> dict:
             "environment": env_module.environment()}
 
 
-def root_manifest(program: Program, source: ProgramSource, engine: Engine) -> dict:
-    """The manifest of a new recording of `program` (loaded from `source`)."""
+def root_manifest(program: Program, source: ProgramSource, engine: Engine, dropped_examples=()) -> dict:
+    """The manifest of a new recording of `program` (loaded from `source`), leaving
+    `dropped_examples` out of every batch."""
     optimizer = engine.optimizer
     return {
+        **({"dropped_examples": sorted(set(dropped_examples))} if dropped_examples else {}),
         **_common(engine),
         "first_step": 0,
         "status": "incomplete",

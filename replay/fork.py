@@ -111,11 +111,12 @@ class ForkSession:
         return result
 
     def fork(self, out: str | os.PathLike, perturb, *, window: int = 1, steps: int | None = None,
-             until: int | None = None, observe=None) -> Path:
+             until: int | None = None, observe=None, events: Sequence[tuple[str, dict]] = ()) -> Path:
         """Write a child run to `out`: the perturbations act at the fork step (or over
         [T, T + window)), then the child runs under the parent's policies to `until` (default:
         the parent's last step) or for `steps` steps. `observe(engine)` is called after every
-        step of the child."""
+        step of the child. `events` (kind, detail) are written to the child's ledger before its
+        first step."""
         perturbations = self.perturbations(perturb, window)
         if steps is not None and until is not None:
             raise ValueError("give steps or until, not both")
@@ -128,17 +129,19 @@ class ForkSession:
         manifest = child_manifest(self.manifest, self.parent, Path(out), self.parent_digest, self.at, end,
                                   engine, perturbations)
         try:
-            self._write_child(out, manifest, engine, perturbations, end, observe)
+            self._write_child(out, manifest, engine, perturbations, end, observe, events)
         except PerturbationRefused:
             # Refused when it acted at T: leave no half-made child behind.
             shutil.rmtree(out, ignore_errors=True)
             raise
         return Path(out)
 
-    def _write_child(self, out, manifest, engine, perturbations, end, observe) -> None:
+    def _write_child(self, out, manifest, engine, perturbations, end, observe, events=()) -> None:
         with RunDir.create(out, manifest) as run:
             run.ledger.add_event("intervention_window", {"start": self.at, "end": max(p.end for p in perturbations),
                                                          "perturbations": [p.to_json() for p in perturbations]})
+            for kind, detail in events:
+                run.ledger.add_event(kind, detail)
             record_steps(run, engine, end, self.progress, observe)
 
     def placebo_check(self, steps: int | None = None) -> PlaceboReport:

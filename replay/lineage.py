@@ -37,6 +37,8 @@ def lineage_digest(run: RunDir, fork_step: int) -> str:
     m = run.manifest
     h = hashlib.sha256()
     h.update(json.dumps({k: m.get(k) for k in ("program", "seed", "rng", "order", "lineage")}, sort_keys=True).encode())
+    if "dropped_examples" in m:  # only when present, so digests of runs without it are unchanged
+        h.update(json.dumps({"dropped_examples": m["dropped_examples"]}).encode())
     for row in run.ledger.rows(m.get("first_step", 0), fork_step - 1) if fork_step > m.get("first_step", 0) else []:
         h.update(f"{row.step}:{row.digest:016x}:{row.batch_hash}\n".encode())
     for step, files in sorted(run.ledger.checkpoints().items()):

@@ -513,9 +513,11 @@ class DropExamples(Perturbation):
         ids = self.values["ids"]
         if isinstance(ids, int):
             ids = [ids]
-        if not isinstance(ids, Sequence) or not all(isinstance(i, int) and i >= 0 for i in ids):
-            raise ValueError(f"drop_examples: ids must be a list of example ids, got {ids!r}")
+        if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)) or not ids or \
+                not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"drop_examples: ids must be a non-empty list of example ids (ints >= 0), got {ids!r}")
         self.values["ids"] = sorted(set(ids))
+        self._dropped = frozenset(self.values["ids"])
 
     def check(self, engine):
         n = engine.program.dataset_size()
@@ -526,7 +528,7 @@ class DropExamples(Perturbation):
     def batch_ids(self, engine, step, ids):
         if step < self.start:
             return ids
-        dropped = set(self.values["ids"])
+        dropped = self._dropped
         kept = [i for i in ids if i not in dropped]
         if not kept:
             raise PerturbationRefused(f"drop_examples: every example of step {step}'s batch was dropped")

@@ -18,6 +18,7 @@ from .driver import (  # noqa: F401  (re-exported: the session API predates driv
     check_restored_state,
     compare_fingerprints,
     compare_record,
+    dropped_from_start,
     engine_for_run,
     fresh_engine,
     load_run_program,
@@ -44,12 +45,16 @@ class RecordSession:
     """Record a program into a new run directory, or continue one that stopped.
 
     >>> RecordSession("examples/digits_mlp.py:program", "runs/mlp", seed=1, steps=300).run()
+
+    `drop_examples` leaves those example ids out of every batch from step 0 (batches shrink): the
+    recording `replay forget` is defined to equal.
     """
 
     def __init__(self, reference: str, out: str | os.PathLike, *, seed: int | None = None,
                  steps: int | None = None, checkpoint_every: int | None = None,
-                 checkpoint_log_spaced: bool | None = None, progress: bool = True):
+                 checkpoint_log_spaced: bool | None = None, progress: bool = True, drop_examples=()):
         program, source = load_program(reference)
+        self.drop_examples = sorted(set(drop_examples or ()))
         self.program = program.with_overrides(seed=seed, steps=steps, checkpoint_every=checkpoint_every,
                                               checkpoint_log_spaced=checkpoint_log_spaced)
         self.source = source
@@ -58,10 +63,13 @@ class RecordSession:
 
     def run(self, observe=None) -> Path:
         """Record the run; `observe(engine)` is called after every step."""
-        engine = Engine(self.program, Engine.contract_for(self.program))
+        dropped = dropped_from_start(self.drop_examples)
+        engine = Engine(self.program, Engine.contract_for(self.program), None, dropped)
+        for p in dropped:  # before the run directory exists: a refused id leaves nothing behind
+            p.check(engine)
         if observe is not None:
             observe(engine)
-        with RunDir.create(self.out, root_manifest(self.program, self.source, engine)) as run:
+        with RunDir.create(self.out, root_manifest(self.program, self.source, engine, self.drop_examples)) as run:
             record_steps(run, engine, self.program.steps, self.progress, observe)
         return self.out
 
@@ -76,9 +84,17 @@ class RecordSession:
         and a run with no usable checkpoint (killed before its first was recorded) starts again
         from its first step (a fork from its parent's state at the fork step). Each of these is
         said through `say` (stderr by default) and recorded as a ledger event."""
+        from .forget import CERTIFICATE, is_forget, write_certificate
+
         with RunDir.open(run_dir, writable=True) as run:
-            if run.is_complete:
-                raise RunError(f"{run_dir}: the recording is already complete; nothing to resume")
+            complete = run.is_complete
+        if complete:
+            if is_forget(run_dir) and not (Path(run_dir) / CERTIFICATE).exists():
+                write_certificate(run_dir)  # a forget stopped between its last step and its certificate
+                say(f"{run_dir}: the forget was complete; wrote its certificate")
+                return Path(run_dir)
+            raise RunError(f"{run_dir}: the recording is already complete; nothing to resume")
+        with RunDir.open(run_dir, writable=True) as run:
             manifest = run.manifest
             program, _ = load_run_program(run, allow_source_change, allow_environment_change, "resume")
             first = manifest.get("first_step", 0)
@@ -115,6 +131,8 @@ class RecordSession:
             run.ledger.add_event("resume", {"from_checkpoint": None if restarted else start, "restarted": restarted,
                                             "skipped_checkpoints": skipped})
             record_steps(run, engine, program.steps, progress)
+        if is_forget(run_dir):
+            write_certificate(run_dir)
         return Path(run_dir)
 
 

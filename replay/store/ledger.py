@@ -184,11 +184,16 @@ def _loads(text, max_depth: int = _MAX_DEPTH):
     return json.loads(text)
 
 
-def _decode_row(r: tuple) -> StepRow:
-    step, epoch, batch_ids, batch_hash, loss, lr, metrics, fps, digest = r
-    ids = _loads(batch_ids)
+def _decode_ids(text) -> list[int]:
+    ids = _loads(text)
     if type(ids) is not list or not all(type(i) is int for i in ids):
         raise ValueError("batch_ids is not a list of ints")
+    return ids
+
+
+def _decode_row(r: tuple) -> StepRow:
+    step, epoch, batch_ids, batch_hash, loss, lr, metrics, fps, digest = r
+    ids = _decode_ids(batch_ids)
     return StepRow(
         step=step,
         epoch=epoch,
@@ -363,6 +368,15 @@ class Ledger:
             f"SELECT {_STEP_COLUMNS} FROM steps WHERE step BETWEEN ? AND ? ORDER BY step", (lo, hi)
         )
         return [self._decode(f"row of step {r[0]}", _decode_row, r) for r in rows]
+
+    def batches(self, start: int | None = None, end: int | None = None) -> list[tuple[int, list[int], str]]:
+        """(step, batch ids, batch hash) of the steps with ``start <= step <= end``, in step
+        order: the data a run trained on, without decoding fingerprints and metrics."""
+        lo = -(1 << 63) if start is None else _int(start, "start", None)
+        hi = (1 << 63) - 1 if end is None else _int(end, "end", None)
+        rows = self._query("SELECT step, batch_ids, batch_hash FROM steps WHERE step BETWEEN ? AND ? ORDER BY step",
+                           (lo, hi))
+        return [(r[0], self._decode(f"batch ids of step {r[0]}", _decode_ids, r[1]), r[2]) for r in rows]
 
     def last_step(self) -> int | None:
         """The highest recorded step, or None for an empty ledger."""
