@@ -17,7 +17,7 @@ import json
 import sys
 from collections import defaultdict
 
-GROUPS = ["optimizer step", "fingerprint", "recording overhead", "fork latency", "experiment throughput"]
+GROUPS = ["optimizer step", "fingerprint", "recording overhead", "fork latency", "experiment throughput", "forget"]
 DEFAULT_COMMAND = "pytest benches/ --benchmark-only --benchmark-json=benches/results.json  (make bench)"
 
 
@@ -254,11 +254,27 @@ def experiment_throughput(benches: list[dict]) -> str:
             + "\n\nNo goal: the figure is tracked.")
 
 
+def forget(benches: list[dict]) -> str:
+    rows = []
+    for b in benches:
+        info = b["extra_info"]
+        for c in info["cases"]:
+            rows.append([f"{c['share_first_seen']:.0%} (step {c['fork_step']})",
+                         f"{c['steps_replayed']} of {info['steps']} ({c['share_replayed']:.0%})",
+                         f"{c['forget_ms'] / 1e3:.2f}", f"{c['retrain_ms'] / 1e3:.2f}",
+                         f"{c['forget_over_retrain']:.2f}", f"{c['speedup']:.2f}x", f"{info['rounds']}"])
+    return (table(["ids first seen at", "steps replayed", "forget s", "full retraining s", "forget / retraining",
+                   "speed-up", "rounds"], rows, ["---"] + ["---:"] * 6)
+            + "\n\nforget = plan (ledger scan), restore the checkpoint before the fork step and replay to it, the "
+              "tail without the ids, the certificate; full retraining = `record --drop-examples` from step 0, which "
+              "forget equals bit for bit. Both write a complete run. No goal: the figure is tracked.")
+
+
 RENDER = {"optimizer step": optimizer_step, "fingerprint": fingerprint, "recording overhead": recording_overhead,
-          "fork latency": fork_latency, "experiment throughput": experiment_throughput}
+          "fork latency": fork_latency, "experiment throughput": experiment_throughput, "forget": forget}
 TITLES = {"optimizer step": "Optimizer step", "fingerprint": "Fingerprint: replay.fingerprint vs torch.sum",
           "recording overhead": "Recording overhead at default settings", "fork latency": "Fork latency",
-          "experiment throughput": "Experiment throughput"}
+          "experiment throughput": "Experiment throughput", "forget": "Forget vs full retraining"}
 
 
 def render(doc: dict, command: str = DEFAULT_COMMAND) -> str:

@@ -80,7 +80,6 @@ class ForkSession:
                 divergence = compare_record(rows[record.step], record)
                 if divergence is not None:
                     raise ForkError(f"{self.parent} does not replay up to the fork step:\n{divergence.describe()}")
-            self.rows_after = {r.step: r for r in run.ledger.rows(at, None)}
             self.parent_last = last
             self.parent_digest = lineage_digest(run, at)
         self.state = engine.state_dict()
@@ -149,12 +148,14 @@ class ForkSession:
         compare every step with the parent's ledger: a divergence names state the program
         failed to capture in its checkpoints."""
         end = self.parent_last + 1 if steps is None else min(self.parent_last + 1, self.at + steps)
+        with RunDir.open(self.parent) as run:  # read here, not when the session opens: forks never need them
+            rows_after = {r.step: r for r in run.ledger.rows(self.at, end - 1)}
         engine = self._child_engine(self.perturbations("placebo"))
         bar = progress_bar(end - self.at, f"placebo@{self.at}", self.progress)
         try:
             while engine.completed < end:
                 record = engine.run_step()
-                divergence = compare_record(self.rows_after[record.step], record)
+                divergence = compare_record(rows_after[record.step], record)
                 if divergence is not None:
                     return PlaceboReport(self.at, end, divergence)
                 if bar is not None:
