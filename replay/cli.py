@@ -321,14 +321,14 @@ def print_estimates(results: dict) -> None:
     if lifetimes:
         print(f"\nlifetimes ({d}; excess over the reference against the delay h):")
         head = (f"{'program':<{pw}}{'arm':<{aw}}{'fork':>5}  {'model':<14}{'plateau (95% CI)':>26} {'/floor':>7}  "
-                f"{'half-life (95% CI)':<30}{'state half-life (95% CI)'}")
+                f"{'half-life (95% CI)':<30} {'state half-life (95% CI)'}")
         print(head)
         print("-" * len(head))
         for l in lifetimes:
             state = l.get("state") or {}
             plateau = f"{_f(l['plateau'])} {_ci(l['plateau_interval'])}"
             print(f"{l['program']:<{pw}}{l['arm']:<{aw}}{l['fork_step']:>5}  {l['model']:<14}{plateau:>26} "
-                  f"{_f(l['plateau_ratio'], 7, 2)}  {_life(l['half_life'], l['interval'], l['extrapolated']):<30}"
+                  f"{_f(l['plateau_ratio'], 7, 2)}  {_life(l['half_life'], l['interval'], l['extrapolated']):<30} "
                   f"{_life(state.get('half_life'), state.get('interval'), state.get('extrapolated', False))}")
     dead = [r for r in results.get("references") or [] if r.get("zero_everywhere")]
     for r in dead:

@@ -319,3 +319,21 @@ def test_an_error_in_the_users_program_in_a_worker_process_shows_its_frames(tmp_
     assert last.startswith(f"replay: error in the program ({program}, line "), err
     assert "RuntimeError: worker boom" in last and "raise RuntimeError('worker boom')" in err
     assert str(ROOT / "replay") not in err
+
+
+def test_lifetimes_table_separates_its_columns(capsys):
+    """A half-life marked "extrapolated" that fills its column is still followed by a space
+    (it printed "extrapolatedinf" once)."""
+    from replay.cli import print_estimates
+
+    lifetime = {"program": "p", "arm": "reset_exp_avg", "fork_step": 10, "model": "exponential", "plateau": 0.01,
+                "plateau_interval": [0.0, 0.02], "plateau_ratio": 1.5, "half_life": 123456.7,
+                "interval": [1234.5, float("inf")], "extrapolated": True,
+                "state": {"half_life": float("inf"), "interval": [5.0, float("inf")], "extrapolated": False}}
+    results = {"experiment": {"name": "e", "primary_distance": "tv", "primary_horizon": 5, "probe": {"size": 8},
+                              "seeds": [1, 2], "equivalence_margin": 1.0},
+               "estimates": [], "placebo": {"exact_zero": True}, "lifetimes": [lifetime], "references": []}
+    print_estimates(results)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("p "))
+    assert "extrapolated inf" in row and "extrapolatedinf" not in row
