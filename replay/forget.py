@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .lineage import lineage_digest
+from .lineage import parent_of, parent_status
 from .order import batch_hash
 from .store import RunDir, RunError
 from .store.atomic import atomic_write_json
@@ -134,10 +134,6 @@ class Segment:
     end: int
 
 
-def _parent_of(path: Path, manifest: dict) -> Path:
-    return (path.resolve().parent / manifest["lineage"]["parent_path"]).resolve()
-
-
 def history(run_dir: str | os.PathLike, end: int | None = None) -> list[Segment]:
     """The runs whose ledgers together hold steps [0, end) of `run_dir`'s trajectory (default:
     every recorded step): the run itself from its first step, and for a fork its parent up to the
@@ -155,13 +151,12 @@ def history(run_dir: str | os.PathLike, end: int | None = None) -> list[Segment]
         lineage = manifest.get("lineage")
         if not lineage or first == 0:
             break
-        parent = _parent_of(path, manifest)
-        if not (parent / "manifest.json").is_file():
+        parent = parent_of(path, manifest)
+        status = parent_status(path)
+        if status == "missing":
             raise ForgetError(f"{path} is a fork of {parent}, which is gone: its steps before {first} cannot be read")
-        with RunDir.open(parent) as run:
-            if run.manifest.get("run_id") != lineage["parent_id"] or \
-                    lineage_digest(run, lineage["fork_step"]) != lineage["parent_digest"]:
-                raise ForgetError(f"{path} is a fork of {parent}, which changed since the fork")
+        if status == "changed":
+            raise ForgetError(f"{path} is a fork of {parent}, which changed since the fork")
         path, end = parent, first
     return segments[::-1]
 
@@ -268,7 +263,7 @@ def forget(run_dir: str | os.PathLike, ids, out: str | os.PathLike, *, progress:
     if t < plan.run_first:
         with RunDir.open(run_dir) as run:
             inherited = run.manifest["lineage"]["perturbations"]
-            parent = _parent_of(Path(run_dir), run.manifest)
+            parent = parent_of(Path(run_dir), run.manifest)
         earlier = sorted({i for p in inherited if p.get("name") == "drop_examples" for i in p.get("ids", [])})
         hint = "" if not earlier else f" together with the ids it already dropped ({len(earlier)})"
         raise ForgetError(f"{run_dir} is a fork from step {plan.run_first}, but the ids are first seen at step {t}, "
@@ -318,43 +313,50 @@ def certificate(run_dir: str | os.PathLike) -> dict:
     wanted = set(ids)
     seen_before, digest_before, n_before = _scan(before, wanted)
     seen_after, digest_after, n_after = _scan(after, wanted)
-    parent = _parent_of(path, manifest)
+    parent = parent_of(path, manifest)
     with RunDir.open(parent) as run:
         parent_segments = history(parent)
         first_seen, _, _ = _scan(parent_segments, wanted)
         parent_steps = run.manifest["steps"]
+    from .engine import digest_of
+
+    model = final.fingerprints.get("model", {})
     return {
         "format": CERTIFICATE_FORMAT,
         "version": CERTIFICATE_VERSION,
         "run_id": manifest["run_id"],
-        "parent": {"run_id": lineage["parent_id"], "path": lineage["parent_path"], "digest": lineage["parent_digest"],
-                   "steps": parent_steps},
-        "examples": ids,
+        "parent_id": lineage["parent_id"],
+        "parent_path": lineage["parent_path"],
+        "parent_digest": lineage["parent_digest"],
+        "parent_steps": parent_steps,
+        "ids": ids,
         "first_seen": {str(i): first_seen.get(i) for i in ids},
         "fork_step": t,
         "steps_replayed": manifest["steps"] - t,
         "steps_total": manifest["steps"],
         "share_replayed": (manifest["steps"] - t) / manifest["steps"],
-        "absence": {
-            "statement": "no id in `examples` appears in any batch of steps 0..steps_total-1 of this run's "
-                         "trajectory: before the fork step by the parent's ledger (the fork step is the first "
-                         "step any of them was seen), from it by this run's ledger",
+        "proof": {
+            "statement": "no id in `ids` appears in any batch of steps 0..steps_total-1 of this run's trajectory: "
+                         "before the fork step by the parent's ledger (the fork step is the first step any of them "
+                         "was seen), from it by this run's ledger",
             "before_fork": {"steps": [0, t], "steps_read": n_before, "ids_found": len(seen_before),
                             "runs": [{"run_id": s.run_id, "steps": [s.start, s.end]} for s in before],
                             "batch_hashes_sha256": digest_before},
             "after_fork": {"steps": [t, manifest["steps"]], "steps_read": n_after, "ids_found": len(seen_after),
                            "batch_hashes_sha256": digest_after},
         },
-        "final": {"step": final.step, "state_digest": f"{final.digest:016x}",
-                  "model_fingerprints": {k: f"{v:016x}" for k, v in sorted(final.fingerprints.get("model", {}).items())}},
-        "check": f"replay verify {path} --certificate",
+        "final_step": final.step,
+        "final_model_fingerprint": f"{digest_of({'model': model}):016x}",
+        "final_state_digest": f"{final.digest:016x}",
+        "final_model_tensors": {k: f"{v:016x}" for k, v in sorted(model.items())},
+        "command": f"replay verify {path} --certificate",
     }
 
 
 def write_certificate(run_dir: str | os.PathLike) -> Path:
     """Compute the certificate of a complete forget child and write it (atomically) into it."""
     cert = certificate(run_dir)
-    if any(side["ids_found"] for side in (cert["absence"]["before_fork"], cert["absence"]["after_fork"])):
+    if any(side["ids_found"] for side in (cert["proof"]["before_fork"], cert["proof"]["after_fork"])):
         raise ForgetError(f"{run_dir}: an id to forget appears in a batch of the trajectory; no certificate written")
     target = Path(run_dir) / CERTIFICATE
     atomic_write_json(target, cert)
@@ -417,17 +419,19 @@ def check_certificate(run_dir: str | os.PathLike, *, progress: bool = True, **al
     except RunError as error:
         report.add("the certificate can be recomputed from the ledgers", False, str(error).splitlines()[0])
         return report
-    for key, what in (("run_id", "it names this run"),
-                      ("parent", "the parent (id, path, lineage digest) exists unchanged"),
-                      ("examples", "the ids are those the run dropped"),
-                      ("first_seen", "each id's first step, recomputed from the parent's ledger"),
-                      ("fork_step", "the fork step"),
-                      ("steps_replayed", "the steps replayed"),
-                      ("steps_total", "the steps of the whole run"),
-                      ("absence", "no id in any batch: the batch hashes before and after the fork"),
-                      ("final", "the final state digest and model fingerprints")):
-        same = stated.get(key) == recomputed[key]
-        report.add(what, same, "" if same else "the certificate differs from what the ledgers say")
+    for keys, what in ((("run_id",), "it names this run"),
+                       (("parent_id", "parent_path", "parent_digest", "parent_steps"),
+                        "the parent (id, path, lineage digest) exists unchanged"),
+                       (("ids",), "the ids are those the run dropped"),
+                       (("first_seen",), "each id's first step, recomputed from the parent's ledger"),
+                       (("fork_step",), "the fork step"),
+                       (("steps_replayed", "steps_total", "share_replayed"), "the steps replayed of the whole run"),
+                       (("proof",), "no id in any batch: the batch hashes before and after the fork"),
+                       (("final_step", "final_model_fingerprint", "final_state_digest", "final_model_tensors"),
+                        "the final model fingerprint and state digest")):
+        differing = [k for k in keys if stated.get(k) != recomputed[k]]
+        report.add(what, not differing, f"the certificate's {', '.join(differing)} differ from what the ledgers say"
+                   if differing else "")
     seen = [s for s in recomputed["first_seen"].values() if s is not None]
     report.add("the fork step is the first step any id was seen", bool(seen) and min(seen) == recomputed["fork_step"],
                f"step {recomputed['fork_step']}")
@@ -452,7 +456,7 @@ def _starts_from_parent(path: Path, **allow) -> tuple[bool, str]:
         child = engine_for_run(run, program)
         restore(run, child, t)
         started = child.fingerprints(use_optimizer=False)
-    parent = _parent_of(path, manifest)
+    parent = parent_of(path, manifest)
     with RunDir.open(parent) as run:
         if t > 0:
             row = run.ledger.step_row(t - 1)

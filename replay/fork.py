@@ -32,7 +32,7 @@ from .driver import (
     restore,
 )
 from .engine import Engine
-from .lineage import lineage_digest  # noqa: F401  (re-exported: it lived here)
+from .lineage import lineage_digest, parent_of  # noqa: F401  (lineage_digest re-exported: it lived here)
 from .perturb import Perturbation, PerturbationRefused, from_spec
 from .program import load_program
 from .store import RunDir, RunError
@@ -172,7 +172,7 @@ def restart_child(child: RunDir, *, allow_source_change: bool = False, allow_env
     recorded. RunError if the parent is gone or changed since the fork."""
     manifest = child.manifest
     lineage = manifest["lineage"]
-    parent = (Path(child.path).resolve().parent / lineage["parent_path"]).resolve()
+    parent = parent_of(child.path, manifest)
     if not (parent / "manifest.json").is_file():
         raise RunError(f"{child.path}: no checkpoint is recorded and the parent {parent} is gone; "
                        "the fork cannot be restarted")

@@ -47,14 +47,21 @@ def lineage_digest(run: RunDir, fork_step: int) -> str:
     return h.hexdigest()
 
 
+def parent_of(child: str | os.PathLike, manifest: dict) -> Path:
+    """Where a fork's parent lies: its lineage's parent_path, relative to the folder holding
+    the child."""
+    return (Path(child).resolve().parent / manifest["lineage"]["parent_path"]).resolve()
+
+
 def parent_status(child: str | os.PathLike) -> str:
     """'root', 'ok', 'missing' (parent not found) or 'changed' (parent differs from the fork)."""
     child = Path(child)
     with RunDir.open(child) as run:
-        lineage = run.manifest.get("lineage")
+        manifest = run.manifest
+    lineage = manifest.get("lineage")
     if not lineage:
         return "root"
-    parent = (child.resolve().parent / lineage["parent_path"]).resolve()
+    parent = parent_of(child, manifest)
     if not (parent / "manifest.json").exists():
         return "missing"
     with RunDir.open(parent) as run:

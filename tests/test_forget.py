@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from replay.cli import main
+from replay.engine import digest_of
 from replay.forget import (
     CERTIFICATE,
     ForgetError,
@@ -200,7 +201,7 @@ def test_forget_equals_a_full_recording_without_the_ids(reference, steps, when, 
     full = RecordSession(reference, tmp_path / "full", progress=False, drop_examples=ids, **overrides).run()
     assert_forget_equals_full_recording(parent, child, full, ids, fork_step)
     cert = json.loads((child / CERTIFICATE).read_text())
-    assert cert["fork_step"] == fork_step and cert["examples"] == ids
+    assert cert["fork_step"] == fork_step and cert["ids"] == ids
 
 
 def test_ids_first_seen_at_different_steps_fork_at_the_earliest(recorded_run, tmp_path):
@@ -232,20 +233,21 @@ def test_certificate_states_what_the_issue_asks(forgotten):
         last = c.ledger.step_row(29)
     assert cert["format"] == "replay.forget-certificate" and cert["version"] == 1
     assert cert["run_id"] == child_manifest["run_id"]
-    assert cert["parent"]["run_id"] == parent_id
-    assert cert["parent"]["digest"] == child_manifest["lineage"]["parent_digest"]
-    assert cert["examples"] == ids
+    assert cert["parent_id"] == parent_id
+    assert cert["parent_digest"] == child_manifest["lineage"]["parent_digest"]
+    assert cert["ids"] == ids
     assert cert["first_seen"] == {str(i): s for i, s in first_seen_by_scan(parent, set(ids)).items()}
     assert cert["fork_step"] == 4
     assert (cert["steps_replayed"], cert["steps_total"]) == (26, 30)
-    absence = cert["absence"]
+    absence = cert["proof"]
     assert absence["before_fork"]["steps"] == [0, 4] and absence["before_fork"]["steps_read"] == 4
     assert absence["after_fork"]["steps"] == [4, 30] and absence["after_fork"]["steps_read"] == 26
     assert absence["before_fork"]["ids_found"] == absence["after_fork"]["ids_found"] == 0
-    assert cert["final"]["step"] == 29
-    assert cert["final"]["state_digest"] == f"{last.digest:016x}"
-    assert cert["final"]["model_fingerprints"] == {k: f"{v:016x}" for k, v in last.fingerprints["model"].items()}
-    assert cert["check"] == f"replay verify {child} --certificate"
+    assert cert["final_step"] == 29
+    assert cert["final_state_digest"] == f"{last.digest:016x}"
+    assert cert["final_model_tensors"] == {k: f"{v:016x}" for k, v in last.fingerprints["model"].items()}
+    assert cert["final_model_fingerprint"] == f"{digest_of({'model': last.fingerprints['model']}):016x}"
+    assert cert["command"] == f"replay verify {child} --certificate"
 
 
 def test_verify_certificate_passes_on_an_honest_forget(forgotten, capsys):
@@ -264,22 +266,20 @@ def _copy(forgotten, tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("fork_step", 5), ("examples", "drop-one"), ("steps_replayed", 30), ("first_seen", "shift"),
-    ("final", "digest"), ("absence", "hash"),
+    ("fork_step", 5), ("ids", "drop-one"), ("steps_replayed", 30), ("first_seen", "shift"),
+    ("final_model_fingerprint", "0" * 16), ("final_state_digest", "0" * 16), ("proof", "hash"), ("parent_id", "0" * 32),
 ])
 def test_a_tampered_certificate_fails(forgotten, tmp_path, capsys, field, value):
     _, child, _ = _copy(forgotten, tmp_path)
     path = child / CERTIFICATE
     cert = json.loads(path.read_text())
     if value == "drop-one":
-        cert["examples"] = cert["examples"][1:]
+        cert["ids"] = cert["ids"][1:]
     elif value == "shift":
         key = next(iter(cert["first_seen"]))
         cert["first_seen"][key] += 1
-    elif value == "digest":
-        cert["final"]["state_digest"] = "0" * 16
     elif value == "hash":
-        cert["absence"]["after_fork"]["batch_hashes_sha256"] = "0" * 64
+        cert["proof"]["after_fork"]["batch_hashes_sha256"] = "0" * 64
     else:
         cert[field] = value
     path.write_text(json.dumps(cert))
@@ -443,14 +443,14 @@ def test_an_interrupted_forget_is_finished_by_resume(recorded_run, tmp_path, mon
     assert rc == 0, err
     assert [r.digest for r in rows(tmp_path / "child").values()] == [r.digest for r in rows(reference).values()]
     cert, expected = (json.loads((d / CERTIFICATE).read_text()) for d in (tmp_path / "child", reference))
-    for key in ("examples", "first_seen", "fork_step", "absence", "final"):
+    for key in ("ids", "first_seen", "fork_step", "proof", "final_model_fingerprint", "final_model_tensors"):
         assert cert[key] == expected[key], key
     assert check_certificate(tmp_path / "child", progress=False).ok
     # complete but without its certificate (stopped just before it): resume writes it
     (tmp_path / "child" / CERTIFICATE).unlink()
     rc, _, err = run_main(capsys, "resume", tmp_path / "child", "--no-progress")
     assert rc == 0 and "wrote its certificate" in err
-    assert json.loads((tmp_path / "child" / CERTIFICATE).read_text())["final"] == expected["final"]
+    assert json.loads((tmp_path / "child" / CERTIFICATE).read_text())["final_state_digest"] == expected["final_state_digest"]
 
 
 # --------------------------------------------------------- record --drop-examples ----
