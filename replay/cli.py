@@ -7,6 +7,8 @@
     replay fork RUN --at T --perturb SPEC [...] --out DIR  a counterfactual child run
     replay check RUN [--at T ...]                         placebo forks: is all state captured?
     replay forget RUN --examples IDS --out DIR [--dry-run] remove examples by replaying the tail
+    replay trace RUN --step T --out FILE [--repeat N | --threads 1,2]   every op of one step
+    replay trace-diff A B                                 the first op whose inputs agree and outputs differ
     replay tree DIR                                       the lineage tree of the runs below DIR
     replay diff A B                                       where two runs part, per component
     replay experiment SPEC.toml --out DIR [--workers N]   seeds x forks x arms -> estimates
@@ -42,10 +44,11 @@ def _cmd_record(args) -> int:
     _positive("--steps", args.steps)
     _positive("--checkpoint-every", args.checkpoint_every)
     dropped = _example_ids(args.drop_examples, args.drop_examples_file, "--drop-examples", required=False)
+    traced = _int_list(args.trace_steps, "--trace-steps", minimum=0) if args.trace_steps is not None else []
     out = RecordSession(args.program, args.out, seed=args.seed, steps=args.steps,
                         checkpoint_every=args.checkpoint_every,
                         checkpoint_log_spaced=True if args.log_spaced else None,
-                        progress=not args.no_progress, drop_examples=dropped).run()
+                        progress=not args.no_progress, drop_examples=dropped, trace_steps=traced).run()
     with RunDir.open(out) as run:
         last = run.ledger.last_step()
     print(f"recorded {0 if last is None else last + 1} steps into {out}")
@@ -89,7 +92,73 @@ def _cmd_verify(args) -> int:
                             allow_environment_change=args.allow_environment_change)
     report = session.verify(args.start, args.end, progress=not args.no_progress)
     print(report.describe())
+    if report.divergence is not None:
+        from .trace import explain_divergence
+
+        print(explain_divergence(args.run, report.divergence.step, allow_source_change=args.allow_source_change,
+                                 allow_environment_change=args.allow_environment_change))
     return 0 if report.ok else 1
+
+
+def _int_list(text: str, flag: str, minimum: int) -> list[int]:
+    """Integers from "0,100,200" (commas or spaces)."""
+    values = []
+    for token in text.replace(",", " ").split():
+        try:
+            values.append(int(token))
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: {token!r} is not an integer") from None
+    if not values:
+        raise ValueError(f"{flag}: give at least one number")
+    if any(v < minimum for v in values):
+        raise ValueError(f"{flag} {text!r}: every value must be >= {minimum}")
+    return sorted(set(values))
+
+
+def _cmd_trace(args) -> int:
+    from .trace import describe_nondeterminism, trace_step
+
+    finder = args.repeat is not None or args.threads is not None
+    if args.repeat is not None and args.threads is not None:
+        raise ValueError("give --repeat or --threads, not both")
+    if args.out is None and not finder:
+        raise ValueError("replay trace needs --out FILE (or --repeat N / --threads 1,2 to look for nondeterminism)")
+    if args.repeat is not None and not 2 <= args.repeat <= 100:
+        raise ValueError(f"--repeat {args.repeat}: must be between 2 and 100")
+    threads = _int_list(args.threads, "--threads", minimum=1) if args.threads is not None else None
+    if threads is not None and len(threads) < 2:
+        raise ValueError("--threads: give at least two thread counts, e.g. 1,2")
+    if args.out is not None:
+        from .outputs import check_trace_out
+
+        check_trace_out(args.out, force=args.force)
+    result = trace_step(args.run, args.step, args.out, repeat=args.repeat or 1, threads=threads,
+                        progress=not args.no_progress, allow_source_change=args.allow_source_change,
+                        allow_environment_change=args.allow_environment_change)
+    if args.out is not None:
+        print(f"traced step {args.step} of {args.run}: {result.ops} ops into {args.out}")
+    if result.diverged_before is not None:
+        print(f"note: the replay to step {args.step} already diverged from the ledger at step {result.diverged_before}")
+    if result.matches_ledger is False:
+        print(f"note: the traced step {args.step} does not reproduce the ledger's row (this machine diverges there)")
+    if finder:
+        print(describe_nondeterminism(result))
+        return 1 if result.nondeterministic or result.structure else 0
+    return 0
+
+
+def _cmd_trace_diff(args) -> int:
+    from .trace import diff_traces, read_trace
+
+    header_a, ops_a = read_trace(args.a)
+    header_b, ops_b = read_trace(args.b)
+    if (header_a.get("step"), header_a.get("run_id")) != (header_b.get("step"), header_b.get("run_id")):
+        print(f"note: A traces step {header_a.get('step')} of run {header_a.get('run_id')}, "
+              f"B step {header_b.get('step')} of run {header_b.get('run_id')}")
+    diff = diff_traces(ops_a, ops_b, header_a, header_b)
+    print(f"A: {args.a} ({len(ops_a)} ops)\nB: {args.b} ({len(ops_b)} ops)")
+    print(diff.describe())
+    return 0 if diff.identical else 1
 
 
 def _inspect_data(run: RunDir) -> dict:
@@ -407,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-examples", nargs="+", metavar="IDS",
                    help="leave these example ids out of every batch from step 0 (e.g. 3,17,40-49)")
     p.add_argument("--drop-examples-file", metavar="FILE", help="the ids to leave out, from a file")
+    p.add_argument("--trace-steps", metavar="STEPS",
+                   help="trace these steps op by op into the run (e.g. 0,100): references for `verify` elsewhere")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_record)
 
@@ -464,6 +535,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the fork step and the share of the run to replay, for each id and the set")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_forget)
+
+    p = sub.add_parser("trace", help="replay to a step and record every op of it (module, source line, fingerprints)")
+    p.add_argument("run")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--out", help="the trace file (JSON lines)")
+    p.add_argument("--repeat", type=int, help="run the step N times from the same state: list ops whose outputs differ")
+    p.add_argument("--threads", metavar="N,M", help="run the step under each thread count: list ops whose outputs differ")
+    p.add_argument("--force", action="store_true", help="overwrite an --out file that replay did not write")
+    p.add_argument("--no-progress", action="store_true")
+    allow_flags(p)
+    p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("trace-diff", help="align two traces of a step and name the op where they part")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(func=_cmd_trace_diff)
 
     p = sub.add_parser("tree", help="the lineage tree of the runs below a folder")
     p.add_argument("dir")
@@ -537,7 +624,7 @@ def _library_roots() -> tuple[str, ...]:
     import sysconfig
 
     roots = {os.path.dirname(os.path.abspath(__file__))}
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+    for key in ("stdlib", "platstdlib", "purelib", "platlib", "scripts"):  # scripts: the `replay` entry point
         path = sysconfig.get_paths().get(key)
         if path:
             roots.add(os.path.realpath(path))

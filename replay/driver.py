@@ -134,12 +134,14 @@ def _common(engine: Engine) -> dict:
             "environment": env_module.environment()}
 
 
-def root_manifest(program: Program, source: ProgramSource, engine: Engine, dropped_examples=()) -> dict:
+def root_manifest(program: Program, source: ProgramSource, engine: Engine, dropped_examples=(),
+                  trace_steps=()) -> dict:
     """The manifest of a new recording of `program` (loaded from `source`), leaving
-    `dropped_examples` out of every batch."""
+    `dropped_examples` out of every batch and tracing `trace_steps` op by op."""
     optimizer = engine.optimizer
     return {
         **({"dropped_examples": sorted(set(dropped_examples))} if dropped_examples else {}),
+        **({"trace_steps": sorted(set(trace_steps))} if trace_steps else {}),
         **_common(engine),
         "first_step": 0,
         "status": "incomplete",
@@ -169,7 +171,7 @@ def child_manifest(parent: dict, parent_path: Path, out: Path, parent_digest: st
                                  if at < c < end})
     parent_lineage = parent.get("lineage", {})
     return {
-        **{k: v for k, v in parent.items() if k not in ("status", "store_version")},
+        **{k: v for k, v in parent.items() if k not in ("status", "store_version", "trace_steps")},
         **_common(engine),
         "first_step": at,
         "steps": end,
@@ -339,7 +341,15 @@ def record_steps(run: RunDir, engine: Engine, total: int, progress: bool, observ
     """Run the engine to `total` completed steps, writing ledger rows and checkpoints (including
     one at the current step if it is due and not yet recorded), then mark the run complete;
     `observe` (if given) is called with the engine after every step (experiments evaluate
-    probes there)."""
+    probes there). Steps the manifest lists under "trace_steps" are traced op by op into the
+    run (replay.trace)."""
+    from .trace import recording_traces
+
+    with recording_traces(run, engine, run.manifest.get("trace_steps")):
+        _record_steps(run, engine, total, progress, observe)
+
+
+def _record_steps(run: RunDir, engine: Engine, total: int, progress: bool, observe=None) -> None:
     counts = set(run.manifest["checkpoints"]["counts"])
     bar = progress_bar(total - engine.completed, "record", progress)
     pending: list[StepRow] = []

@@ -11,6 +11,8 @@ what lets any stretch be replayed from a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import random
@@ -98,6 +100,8 @@ class Engine:
         self.policy = make_policy(program.order if order_spec is None else order_spec,
                                   program.dataset_size(), program.batch_size, contract)
         self.completed = 0
+        # step -> a context manager around the step function (replay.trace's op tracer), or None
+        self.step_context = None
         self._build()
         for p in self.perturbations:
             p.restore(self)
@@ -146,11 +150,12 @@ class Engine:
         ctx = StepContext(step=t, epoch=epoch, ids=ids, batch=batch, model=self.model,
                           optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
                           components=self.components, generators=generators, program=self.program)
-        result = (self.program.step or default_step)(ctx)
-        for p, token in reversed(tokens):  # undone before the scheduler reads the learning rate
-            p.end_step(self, t, token)
-        if self.scheduler is not None:
-            self.scheduler.step()
+        with self.step_context(t) if self.step_context is not None else contextlib.nullcontext():
+            result = (self.program.step or default_step)(ctx)
+            for p, token in reversed(tokens):  # undone before the scheduler reads the learning rate
+                p.end_step(self, t, token)
+            if self.scheduler is not None:
+                self.scheduler.step()
         self.completed = t + 1
         metrics = {}
         if isinstance(result, torch.Tensor):

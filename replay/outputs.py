@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .store.run import MANIFEST
 
-__all__ = ["OutputRefused", "check_experiment_out", "check_file_out", "check_run_out", "is_experiment_dir",
+__all__ = ["OutputRefused", "check_experiment_out", "check_file_out", "check_run_out", "check_trace_out", "is_experiment_dir",
            "is_run_dir", "owning_run"]
 
 # What an experiment folder holds; a folder with only these (say `evals/` alone, from a run stopped
@@ -122,3 +122,24 @@ def check_file_out(path: str | os.PathLike, *, force: bool = False) -> Path:
         raise OutputRefused(f"--out {html}: {plots} exists and does not belong to a report there; "
                             "pass --force to replace its PNG files")
     return html
+
+
+TRACE_MARK = b'"format":"replay.trace"'  # in the first line of every trace replay.trace writes
+
+
+def check_trace_out(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """The output of `trace`: one JSON-lines file. Refused inside a run, over a folder, and over
+    a file that is not a trace replay wrote, unless `force`."""
+    target = Path(path)
+    _refuse_inside_run(target, "the trace")
+    if target.is_dir():
+        raise OutputRefused(f"--out {target}: a folder; give a file name")
+    if target.exists() and not force:
+        try:
+            with open(target, "rb") as f:
+                first = f.readline(_SNIFF)
+        except OSError:
+            first = b""
+        if TRACE_MARK not in first:
+            raise OutputRefused(f"--out {target}: exists and is not a trace replay wrote; pass --force to overwrite it")
+    return target

@@ -47,14 +47,17 @@ class RecordSession:
     >>> RecordSession("examples/digits_mlp.py:program", "runs/mlp", seed=1, steps=300).run()
 
     `drop_examples` leaves those example ids out of every batch from step 0 (batches shrink): the
-    recording `replay forget` is defined to equal.
+    recording `replay forget` is defined to equal. `trace_steps` are traced op by op into the
+    run's traces/ folder (replay.trace), references for diffing a later divergence.
     """
 
     def __init__(self, reference: str, out: str | os.PathLike, *, seed: int | None = None,
                  steps: int | None = None, checkpoint_every: int | None = None,
-                 checkpoint_log_spaced: bool | None = None, progress: bool = True, drop_examples=()):
+                 checkpoint_log_spaced: bool | None = None, progress: bool = True, drop_examples=(),
+                 trace_steps=()):
         program, source = load_program(reference)
         self.drop_examples = sorted(set(drop_examples or ()))
+        self.trace_steps = sorted(set(trace_steps or ()))
         self.program = program.with_overrides(seed=seed, steps=steps, checkpoint_every=checkpoint_every,
                                               checkpoint_log_spaced=checkpoint_log_spaced)
         self.source = source
@@ -69,7 +72,11 @@ class RecordSession:
             p.check(engine)
         if observe is not None:
             observe(engine)
-        with RunDir.create(self.out, root_manifest(self.program, self.source, engine, self.drop_examples)) as run:
+        bad = [t for t in self.trace_steps if not 0 <= t < self.program.steps]
+        if bad:
+            raise ValueError(f"--trace-steps {bad}: outside the run's steps 0..{self.program.steps - 1}")
+        manifest = root_manifest(self.program, self.source, engine, self.drop_examples, self.trace_steps)
+        with RunDir.create(self.out, manifest) as run:
             record_steps(run, engine, self.program.steps, self.progress, observe)
         return self.out
 
