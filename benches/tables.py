@@ -17,7 +17,7 @@ import json
 import sys
 from collections import defaultdict
 
-GROUPS = ["optimizer step", "fingerprint", "recording overhead", "fork latency", "experiment throughput", "forget"]
+GROUPS = ["optimizer step", "fingerprint", "recording overhead", "fork latency", "experiment throughput", "forget", "trace"]
 DEFAULT_COMMAND = "pytest benches/ --benchmark-only --benchmark-json=benches/results.json  (make bench)"
 
 
@@ -270,11 +270,26 @@ def forget(benches: list[dict]) -> str:
               "forget equals bit for bit. Both write a complete run. No goal: the figure is tracked.")
 
 
+def trace(benches: list[dict]) -> str:
+    rows = []
+    for b in benches:
+        info = b["extra_info"]
+        rows.append([info["program"], f"{info['step_ms']:.2f}", f"{info['traced_step_ms']:.2f}", f"{info['ratio']:.1f}x",
+                     f"{info['ops_per_step']:.0f}", f"{info['us_per_op']:.0f}", f"{info['trace_kib_per_step']:.0f}",
+                     f"{info['rounds']}"])
+    return (table(["program", "step ms", "traced step ms", "traced / untraced", "ops per step", "us per op",
+                   "trace KiB per step", "rounds"], rows, ["---"] + ["---:"] * 7)
+            + "\n\nA step of the engine (step function and fingerprints of every component) with and without the op "
+              "tracer streaming every op to a JSON-lines file. No goal: the figure is tracked.")
+
+
 RENDER = {"optimizer step": optimizer_step, "fingerprint": fingerprint, "recording overhead": recording_overhead,
-          "fork latency": fork_latency, "experiment throughput": experiment_throughput, "forget": forget}
+          "fork latency": fork_latency, "experiment throughput": experiment_throughput, "forget": forget,
+          "trace": trace}
 TITLES = {"optimizer step": "Optimizer step", "fingerprint": "Fingerprint: replay.fingerprint vs torch.sum",
           "recording overhead": "Recording overhead at default settings", "fork latency": "Fork latency",
-          "experiment throughput": "Experiment throughput", "forget": "Forget vs full retraining"}
+          "experiment throughput": "Experiment throughput", "forget": "Forget vs full retraining",
+          "trace": "Tracing a step"}
 
 
 def render(doc: dict, command: str = DEFAULT_COMMAND) -> str:

@@ -359,7 +359,7 @@ def trace_step(run_dir: str | os.PathLike, step: int, out: str | os.PathLike | N
         if threads:
             torch.set_num_threads(threads[k])
         header = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "run": str(run_dir), "run_id": run_id,
-                  "step": step, "variant": variant, "threads": torch.get_num_threads(),
+                  "step": step, **({"variant": variant} if len(variants) > 1 else {}), "threads": torch.get_num_threads(),
                   "environment": env_module.environment()}
         ops: list[dict] = []
         writer = _TraceWriter(out, header) if (out is not None and k == 0) else None
@@ -522,8 +522,9 @@ class TraceDiff:
         elif self.first_difference is not None:
             a, _ = self.first_difference
             lines.append(f"no op with equal inputs has different outputs: the inputs already differ at the first "
-                         f"differing op, {_where(a)} (the state before the step differs, or the difference comes "
-                         "from an op the sequences do not share)")
+                         f"differing op, {_where(a)}: the state before the step differs (trace the first step "
+                         "`replay verify` says diverges, from a checkpoint at or before it), or the difference "
+                         "comes from an op the sequences do not share")
         elif self.differing == 0:
             lines.append("every aligned op has equal inputs and outputs")
         return "\n".join(lines)
