@@ -666,11 +666,17 @@ def read_stored_trace(run: RunDir, step: int) -> tuple[dict, list[dict]]:
     """The reference trace of `step` recorded inside `run`, its hash checked first."""
     from .store.atomic import sha256_file
 
+    from .store.errors import RunError as StoreError
+    from .store.paths import inside
+
     detail = stored_traces(run).get(step)
     if detail is None:
         raise TraceError(f"{run.path}: no reference trace of step {step} was recorded")
-    path = Path(run.path) / TRACES / stored_trace_name(step)
-    if path.is_symlink() or not path.is_file():
+    try:
+        path = Path(inside(run.path, TRACES, stored_trace_name(step)))
+    except StoreError as error:  # a link inside the run
+        raise TraceError(str(error)) from None
+    if not path.is_file():
         raise TraceError(f"{path}: the reference trace of step {step} is missing")
     if sha256_file(path) != detail.get("sha256"):
         raise TraceError(f"{path}: the reference trace of step {step} is damaged (its SHA-256 differs from the ledger's)")
@@ -701,3 +707,15 @@ def explain_divergence(run_dir: str | os.PathLike, step: int, *, progress: bool 
     diff = diff_traces(ops_a, ops_b, header_a, header_b)
     return (f"step {step} has a reference trace from the recording; traced here and compared "
             f"(A = recorded, B = this machine):\n" + diff.describe())
+
+
+def check_stored_traces(run: RunDir) -> list[str]:
+    """Problems with the reference traces a run records (missing, a link, damaged), one line
+    each: part of `verify --files`."""
+    problems = []
+    for step in sorted(stored_traces(run)):
+        try:
+            read_stored_trace(run, step)
+        except RunError as error:
+            problems.append(str(error))
+    return problems

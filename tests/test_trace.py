@@ -162,7 +162,10 @@ def test_a_damaged_reference_trace_is_named_not_used(nudge_run, tmp_path, monkey
     path.write_bytes(bytes(data))
     monkeypatch.setenv("REPLAY_TEST_NUDGE", "1")
     rc, out, _ = run_main(capsys, "verify", run, "--no-progress")
-    assert rc == 1 and "cannot be used" in out and "damaged" in out
+    assert rc == 1 and out.startswith("DAMAGED") and "step-00000000.jsonl" in out and "damaged" in out
+    from replay.trace import explain_divergence  # used directly, it names the damage instead of diffing
+
+    assert "cannot be used" in explain_divergence(run, 0)
 
 
 def test_sequences_that_differ_are_aligned_past(recorded_run, tmp_path):
@@ -224,3 +227,33 @@ def test_record_trace_steps_outside_the_run_is_refused(tmp_path, capsys):
     rc, _, err = run_main(capsys, "record", TINY, "--steps", 3, "--trace-steps", "5", "--out", tmp_path / "run")
     assert rc == 2 and "outside the run's steps" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_verify_files_checks_the_reference_traces(nudge_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(nudge_run, run)
+    rc, out, _ = run_main(capsys, "verify", run, "--files")
+    assert rc == 0, out
+    (run / "traces" / "step-00000003.jsonl").write_text("")
+    rc, out, _ = run_main(capsys, "verify", run, "--files")
+    assert rc == 1 and "step-00000003.jsonl" in out and "damaged" in out
+    (run / "traces" / "step-00000003.jsonl").unlink()
+    (run / "traces" / "step-00000003.jsonl").symlink_to(nudge_run / "traces" / "step-00000003.jsonl")
+    rc, out, _ = run_main(capsys, "verify", run, "--files")
+    assert rc == 1 and "symbolic link" in out
+
+
+@pytest.mark.parametrize("example", ["contrastive", "digits_cnn"])
+def test_trace_works_on_the_examples(example, tmp_path):
+    from conftest import ROOT
+
+    run = RecordSession(str(ROOT / "examples" / f"{example}.py") + ":program", tmp_path / "run", steps=4,
+                        progress=False, trace_steps=[2]).run()
+    result = trace_step(run, 2, tmp_path / "t.jsonl", progress=False)
+    assert result.matches_ledger is True and result.ops > 20
+    with RunDir.open(run) as r:
+        from replay.trace import read_stored_trace
+
+        _, stored = read_stored_trace(r, 2)
+    _, here = read_trace(tmp_path / "t.jsonl")
+    assert diff_traces(stored, here).identical

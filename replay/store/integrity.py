@@ -7,7 +7,9 @@ records is hashed and then parsed.
 * the ledger passes SQLite's quick check (on open) and every row, epoch, checkpoint record and
   event decodes;
 * every recorded checkpoint folder exists, each of its files hashes to what the ledger records,
-  and the verified bytes parse (safetensors, JSON, the state skeleton).
+  and the verified bytes parse (safetensors, JSON, the state skeleton);
+* every reference trace the ledger's events record (``record --trace-steps``) hashes to what
+  they record and reads as a complete trace.
 """
 
 from __future__ import annotations
@@ -37,5 +39,9 @@ def check_files(run) -> list[str]:
     checkpoints = _try(problems, ledger.checkpoints) or {}
     for step, files in sorted(checkpoints.items()):
         _try(problems, read_checkpoint, run.checkpoints_dir, step, files)
+    if not problems:  # the events decode: the reference traces they name (replay.trace)
+        from ..trace import check_stored_traces
+
+        problems += check_stored_traces(run)
     return problems
 
