@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import errno as _errno
+import functools
 import json
 import math
 import os
@@ -619,6 +620,7 @@ def _one_line(error: BaseException) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+@functools.lru_cache(maxsize=1)
 def _library_roots() -> tuple[str, ...]:
     import os
     import sysconfig

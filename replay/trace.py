@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from .store import RunDir, RunError
 
@@ -81,6 +80,22 @@ def _user_source(frame) -> str | None:
 
 
 _USER_FILES: dict[str, bool] = {}
+
+
+def _tensors(obj, found: list | None = None) -> list[torch.Tensor]:
+    """The tensors in an op's arguments or results (tensors, lists and tuples of them, dicts),
+    in order: torch's tree_flatten cost more than the op it described."""
+    found = [] if found is None else found
+    if isinstance(obj, torch.Tensor):
+        found.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            if isinstance(item, (torch.Tensor, list, tuple, dict)):
+                _tensors(item, found)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _tensors(item, found)
+    return found
 
 
 # Ops whose outputs are uninitialized memory (filled by the next op): their bits are whatever
@@ -162,7 +177,7 @@ class OpTracer(TorchDispatchMode):
         """Mark the autograd nodes this module's forward created (those reachable from its
         outputs and not yet marked: inner modules finish first and mark theirs) with the
         module, so that their backward ops are attributed to it."""
-        stack = [t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
         seen = set()
         while stack:
             node = stack.pop()
@@ -193,10 +208,10 @@ class OpTracer(TorchDispatchMode):
         if name.startswith("profiler::"):  # record_function markers: no data
             return func(*args, **kwargs)
         phase, module, kind, source = self._where()
-        flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        flat = _tensors(args, _tensors(kwargs)) if kwargs else _tensors(args)
         inputs = _describe(flat, skip=self._is_uninitialized)
         out = func(*args, **kwargs)
-        results = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        results = _tensors(out)
         written = []
         if schema is not None:
             for k, argument in enumerate(schema.arguments):
