@@ -15,7 +15,8 @@
     replay report DIR [--out report.html]                 the audit report of an experiment
     replay demo [--quick] [--out DIR]                     the digits demo, end to end
 
-Exit statuses: 0 done; 1 a negative answer (verify or check found a difference), an error in the
+Exit statuses: 0 done; 1 a negative answer (verify, check, trace --repeat/--threads or trace-diff
+found a difference, a forget certificate fails), an error in the
 user's program (its own frames, then `replay: error in the program (FILE, line N): ...`), or the
 machine gave out (disk full, out of memory; a recording stays resumable); 2 bad input, one line
 `replay: error: ...` (the types are listed in `bad_input_types`); 130 interrupted (Ctrl-C; a

@@ -7,7 +7,8 @@ op (and every custom op: replay's own optimizer and EMA kernels appear as `repla
 forward pass, the backward pass, the optimizer and the rest of the step function:
 
     i, phase (forward | backward | optimizer | step), op, module path and type, source line,
-    inputs and outputs as [dtype, shape, fingerprint]
+    inputs and outputs as [dtype, shape, fingerprint], and `external`: the positions of the
+    inputs no traced op produced (the state before the step, the batch, tensors made in Python)
 
 The phase and module come from global module and optimizer hooks; a backward op gets the module
 whose forward created its autograd node (marked in the node's metadata when the module's forward
@@ -24,9 +25,9 @@ by one op and a crash leaves no partial trace.
 
 `diff_traces(a, b)` aligns two traces (difflib over (phase, op, module); where the sequences
 themselves differ it says so and aligns past it) and names the origin: the first aligned op whose
-inputs agree and whose outputs differ, with its module and source line, plus how many later ops
-differ. `nondeterministic_ops(traces)` lists every op whose inputs agree across repeated runs of
-the same step (or runs under different thread counts) and whose outputs do not.
+inputs agree and whose outputs differ, or whose only differing inputs no traced op produced, with
+its module and source line, plus how many later ops differ. `nondeterministic_ops(traces)` lists
+every such op across repeated runs of the same step (or runs under different thread counts).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import difflib
 import json
 import os
 import sys
-import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,15 +130,26 @@ class OpTracer(TorchDispatchMode):
         self._modules: list[tuple[str, str]] = []
         self._optimizer_depth = 0
         self._handles = []
-        # storage address -> weak reference to a tensor an empty-like op returned and no op has
-        # written yet: its bits are not data, so an op reading it is not hashed on that input
-        self._uninitialized: dict[int, weakref.ref] = {}
+        # Storages by address, held until the tracer exits (so that an address is never reused
+        # while it is looked up; a traced step's intermediate tensors live until its end): those
+        # an empty-like op returned and no op has written yet (their bits are not data, so an op
+        # reading one is not hashed on that input), and those a traced op returned or wrote (an
+        # input not among them came from outside the traced ops: the state before the step, the
+        # batch, or data made in Python: torch.from_numpy, torch.tensor of a list). Python
+        # tensor objects cannot stand in for them: autograd keeps a tensor alive without its
+        # Python object.
+        self._uninitialized: dict[int, torch.UntypedStorage] = {}
+        self._produced: dict[int, torch.UntypedStorage] = {}
+
+    def _was_produced(self, t: torch.Tensor) -> bool:
+        if t.layout != torch.strided or t.device.type == "meta":
+            return True
+        return t.untyped_storage().data_ptr() in self._produced
 
     def _is_uninitialized(self, t: torch.Tensor) -> bool:
         if not self._uninitialized or t.layout != torch.strided or t.device.type == "meta":
             return False
-        ref = self._uninitialized.get(t.untyped_storage().data_ptr())
-        return ref is not None and ref() is not None
+        return t.untyped_storage().data_ptr() in self._uninitialized
 
     # -- hooks that tell the phase and the module --
 
@@ -171,6 +182,8 @@ class OpTracer(TorchDispatchMode):
             for handle in self._handles:
                 handle.remove()
             self._handles = []
+            self._uninitialized.clear()
+            self._produced.clear()
 
     @staticmethod
     def _tag_backward(output, path: str, kind: str) -> None:
@@ -210,6 +223,7 @@ class OpTracer(TorchDispatchMode):
         phase, module, kind, source = self._where()
         flat = _tensors(args, _tensors(kwargs)) if kwargs else _tensors(args)
         inputs = _describe(flat, skip=self._is_uninitialized)
+        external = [k for k, t in enumerate(flat) if not self._was_produced(t)]
         out = func(*args, **kwargs)
         results = _tensors(out)
         written = []
@@ -222,13 +236,18 @@ class OpTracer(TorchDispatchMode):
         fresh = name in _UNINITIALIZED
         for t in results if fresh else written:  # (a view of an unwritten tensor stays unwritten)
             if t.layout == torch.strided and t.device.type != "meta":
-                key = t.untyped_storage().data_ptr()
+                storage = t.untyped_storage()
                 if fresh:
-                    self._uninitialized[key] = weakref.ref(t)
+                    self._uninitialized[storage.data_ptr()] = storage
                 else:
-                    self._uninitialized.pop(key, None)
+                    self._uninitialized.pop(storage.data_ptr(), None)
+        for t in results + written:
+            if t.layout == torch.strided and t.device.type != "meta":
+                storage = t.untyped_storage()
+                self._produced[storage.data_ptr()] = storage
         self.sink({"i": self.count, "phase": phase, "op": str(func), "module": module, "module_type": kind,
-                   "source": source, "in": inputs, "out": _describe(results + written, not fresh)})
+                   "source": source, "inputs": inputs, "outputs": _describe(results + written, not fresh),
+                   "external": external})
         self.count += 1
         return out
 
@@ -457,8 +476,12 @@ def read_trace(path: str | os.PathLike) -> tuple[dict, list[dict]]:
                     raise ValueError("not an op record in sequence")
                 if not isinstance(obj.get("module"), str) or not (obj.get("source") is None or isinstance(obj["source"], str)):
                     raise ValueError("bad module or source")
-                _check_values(obj.get("in"), "inputs")
-                _check_values(obj.get("out"), "outputs")
+                _check_values(obj.get("inputs"), "inputs")
+                _check_values(obj.get("outputs"), "outputs")
+                external = obj.get("external")
+                if not isinstance(external, list) or not all(type(k) is int and 0 <= k < len(obj["inputs"])
+                                                             for k in external):
+                    raise ValueError("external: not a list of input positions")
             except ValueError as error:
                 raise TraceError(f"{where}: {error}") from None
             ops.append(obj)
@@ -496,17 +519,19 @@ def _where(op: dict) -> str:
 
 @dataclass
 class TraceDiff:
-    """How two traces of a step differ."""
+    """How two traces of a step differ. An origin is an aligned op whose outputs differ while
+    its inputs agree (cause "op"), or whose only differing inputs came from outside the traced
+    ops (cause "input": the state before the step, the batch, or data made in Python)."""
 
     ops_a: int
     ops_b: int
     aligned: int
-    origin: tuple[dict, dict] | None = None
+    origin: tuple[dict, dict, str] | None = None
     first_difference: tuple[dict, dict] | None = None
     downstream: int = 0
     differing: int = 0
     structure: list[str] = field(default_factory=list)
-    differing_with_same_inputs: list[dict] = field(default_factory=list)
+    origins: list[tuple[dict, str]] = field(default_factory=list)
     environment: dict = field(default_factory=dict)
 
     @property
@@ -527,19 +552,25 @@ class TraceDiff:
             if len(self.structure) > 10:
                 lines.append(f"  ... {len(self.structure) - 10} more")
         if self.origin is not None:
-            a, b = self.origin
+            a, b, cause = self.origin
             lines.append(f"origin: {_where(a)}")
-            lines.append(f"  inputs agree ({len(a['in'])} tensor{'s' if len(a['in']) != 1 else ''}); outputs differ: "
-                         + ", ".join(f"{x} vs {y}" for x, y in zip(_fps(a["out"]), _fps(b["out"])) if x != y))
+            if cause == "op":
+                n = len(a["inputs"])
+                lines.append(f"  inputs agree ({n} tensor{'s' if n != 1 else ''}); outputs differ: "
+                             + ", ".join(f"{x} vs {y}" for x, y in zip(_fps(a["outputs"]), _fps(b["outputs"])) if x != y))
+            else:
+                differing = [k for k in range(len(a["inputs"])) if a["inputs"][k] != b["inputs"][k]]
+                lines.append(f"  input{'s' if len(differing) != 1 else ''} {', '.join(map(str, differing))} differ and "
+                             "no traced op produced them: the state before the step or the batch differs, or the "
+                             "tensor was made outside torch's ops (torch.from_numpy, torch.tensor of Python data: "
+                             "os.urandom, random, numpy.random)")
             if b.get("source") != a.get("source") or b["i"] != a["i"]:
                 lines.append(f"  (in B: {_where(b)})")
             lines.append(f"downstream: {self.downstream} later op(s) of {self.aligned} aligned have different outputs")
         elif self.first_difference is not None:
             a, _ = self.first_difference
             lines.append(f"no op with equal inputs has different outputs: the inputs already differ at the first "
-                         f"differing op, {_where(a)}: the state before the step differs (trace the first step "
-                         "`replay verify` says diverges, from a checkpoint at or before it), or the difference "
-                         "comes from an op the sequences do not share")
+                         f"differing op, {_where(a)}, the difference coming from an op the sequences do not share")
         elif self.differing == 0:
             lines.append("every aligned op has equal inputs and outputs")
         return "\n".join(lines)
@@ -557,17 +588,23 @@ def diff_traces(a: list[dict], b: list[dict], header_a: dict | None = None, head
         if tag == "equal":
             for x, y in zip(a[i1:i2], b[j1:j2]):
                 result.aligned += 1
-                inputs_same = _fps(x["in"]) == _fps(y["in"]) and _meta(x["in"]) == _meta(y["in"])
-                outputs_same = _fps(x["out"]) == _fps(y["out"]) and _meta(x["out"]) == _meta(y["out"])
-                if outputs_same and inputs_same:
+                if len(x["inputs"]) != len(y["inputs"]):
+                    differing_inputs = list(range(max(len(x["inputs"]), len(y["inputs"]))))
+                else:
+                    differing_inputs = [k for k, (u, v) in enumerate(zip(x["inputs"], y["inputs"])) if u != v]
+                outputs_same = x["outputs"] == y["outputs"]
+                if outputs_same and not differing_inputs:
                     continue
                 result.differing += 1
                 if result.first_difference is None:
                     result.first_difference = (x, y)
-                if inputs_same and not outputs_same:
-                    result.differing_with_same_inputs.append(x)
+                external = set(x.get("external", ())) & set(y.get("external", ()))
+                cause = ("op" if not differing_inputs and not outputs_same else
+                         "input" if differing_inputs and all(k in external for k in differing_inputs) else None)
+                if cause is not None:
+                    result.origins.append((x, cause))
                     if result.origin is None:
-                        result.origin = (x, y)
+                        result.origin = (x, y, cause)
                         continue
                 if result.origin is not None and not outputs_same:
                     result.downstream += 1
@@ -584,12 +621,14 @@ def diff_traces(a: list[dict], b: list[dict], header_a: dict | None = None, head
 
 
 def nondeterministic_ops(traces: list[list[dict]]) -> list[dict]:
-    """The ops of the first trace whose inputs agree with another trace's and whose outputs do
-    not (the same step run several times from the same state)."""
+    """The ops of the first trace whose outputs differ from another trace's while their inputs
+    agree, or whose only differing inputs came from outside the traced ops (the same step run
+    several times from the same state: such an input was made from Python-side randomness).
+    Each op dict gets "cause": "op" or "input"."""
     found: dict[int, dict] = {}
     for other in traces[1:]:
-        for op in diff_traces(traces[0], other).differing_with_same_inputs:
-            found.setdefault(op["i"], op)
+        for op, cause in diff_traces(traces[0], other).origins:
+            found.setdefault(op["i"], {**op, "cause": cause})
     return [found[i] for i in sorted(found)]
 
 
@@ -599,8 +638,10 @@ def describe_nondeterminism(result: TraceResult) -> str:
         return (f"step {result.step}: {result.ops} ops, every output equal across {len(result.variants)} {what} "
                 f"({', '.join(result.variants)})")
     lines = [f"step {result.step}: {len(result.nondeterministic)} op(s) whose outputs differ across {what} "
-             f"({', '.join(result.variants)}) although their inputs agree:"]
-    lines += [f"  {_where(op)}" for op in result.nondeterministic[:50]]
+             f"({', '.join(result.variants)}) although their inputs agree (or differ only in a tensor made "
+             "outside torch's ops):"]
+    lines += [f"  {_where(op)}" + ("  [an input made outside torch's ops differs]" if op.get("cause") == "input" else "")
+              for op in result.nondeterministic[:50]]
     if len(result.nondeterministic) > 50:
         lines.append(f"  ... {len(result.nondeterministic) - 50} more")
     if result.structure:

@@ -68,12 +68,12 @@ def test_a_trace_records_every_phase_module_source_and_fingerprints(recorded_run
     assert {"aten.native_batch_norm_backward.default"} <= {op["op"] for op in backward}
     assert next(op for op in backward if op["op"] == "aten.native_batch_norm_backward.default")["module"] == "1"
     for op in ops:
-        for dtype, shape, fp in op["in"] + op["out"]:
+        for dtype, shape, fp in op["inputs"] + op["outputs"]:
             assert isinstance(dtype, str) and all(type(n) is int for n in shape)
             assert fp is None or len(fp) == 16
     # in-place writes are outputs: the optimizer's kernel reports the parameters it wrote
     adam = next(op for op in ops if op["op"].startswith("replay.adam"))
-    assert adam["out"], adam
+    assert adam["outputs"], adam
     lines = (tmp_path / "t.jsonl").read_text().splitlines()
     assert json.loads(lines[-1]) == {"end": True, "ops": len(ops), "matches_ledger": True, "diverged_before": None}
 
@@ -179,8 +179,8 @@ def test_sequences_that_differ_are_aligned_past(recorded_run, tmp_path):
     assert diff.structure == [f"only in B: ops #11..11 (aten.clone.default) in {a[10]['module']}"]
     assert "the op sequences differ in 1 place(s)" in diff.describe()
     changed = [dict(op) for op in a]
-    k = next(i for i, op in enumerate(changed) if op["phase"] == "backward" and op["out"] and op["out"][0][2])
-    changed[k] = dict(changed[k], out=[[*changed[k]["out"][0][:2], "0" * 16]] + changed[k]["out"][1:])
+    k = next(i for i, op in enumerate(changed) if op["phase"] == "backward" and op["outputs"] and op["outputs"][0][2])
+    changed[k] = dict(changed[k], outputs=[[*changed[k]["outputs"][0][:2], "0" * 16]] + changed[k]["outputs"][1:])
     diff = diff_traces(a, changed)
     assert diff.origin[0]["i"] == k
 
@@ -213,7 +213,8 @@ def test_trace_bad_input(recorded_run, tmp_path, capsys):
     ('{"format": "replay.trace", "version": 9}\n', "trace version 9"),
     ('{"format": "replay.trace", "version": 1}\n', "incomplete trace"),
     ('{"format": "replay.trace", "version": 1}\n{"i": 0, "op": "x", "phase": "forward", "module": "", '
-     '"source": null, "in": [[1, 2, 3]], "out": []}\n', "line 2: inputs: not [dtype, shape, fingerprint]"),
+     '"source": null, "inputs": [[1, 2, 3]], "outputs": [], "external": []}\n',
+     "line 2: inputs: not [dtype, shape, fingerprint]"),
 ])
 def test_trace_diff_refuses_what_is_not_a_trace(tmp_path, capsys, content, message):
     (tmp_path / "bad.jsonl").write_text(content)
@@ -257,3 +258,14 @@ def test_trace_works_on_the_examples(example, tmp_path):
         _, stored = read_stored_trace(r, 2)
     _, here = read_trace(tmp_path / "t.jsonl")
     assert diff_traces(stored, here).identical
+
+
+def test_repeat_names_noise_made_in_python(tmp_path, capsys):
+    """Noise from os.urandom through numpy and torch.from_numpy is made by no op: the first op
+    that reads it is named, as reading an input made outside torch's ops."""
+    run = RecordSession(str(PROGRAMS / "python_noise.py") + ":program", tmp_path / "run", progress=False).run()
+    rc, out, _ = run_main(capsys, "trace", run, "--step", 1, "--repeat", 2, "--no-progress")
+    assert rc == 1
+    listed = [line for line in out.splitlines() if line.startswith("  #")]
+    assert listed and "in 2 (PythonNoise)" in listed[0] and "python_noise.py:" in listed[0], out
+    assert "[an input made outside torch's ops differs]" in listed[0]
