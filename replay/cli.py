@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--log-spaced", action="store_true", help="also checkpoint at steps 1, 2, 4, 8, ...")
-    p.add_argument("--drop-examples", nargs="+", metavar="IDS",
+    p.add_argument("--drop-examples", nargs="+", action="extend", metavar="IDS",
                    help="leave these example ids out of every batch from step 0 (e.g. 3,17,40-49)")
     p.add_argument("--drop-examples-file", metavar="FILE", help="the ids to leave out, from a file")
     p.add_argument("--trace-steps", metavar="STEPS",
@@ -530,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("forget", help="remove examples from a run exactly: fork where they were first seen, "
                                       "replay the tail without them, write a certificate")
     p.add_argument("run")
-    p.add_argument("--examples", nargs="+", metavar="IDS", help="example ids, e.g. 3,17,40-49")
+    p.add_argument("--examples", nargs="+", action="extend", metavar="IDS", help="example ids, e.g. 3,17,40-49")
     p.add_argument("--examples-file", metavar="FILE", help="ids from a file (a JSON list, or ids and ranges as text)")
     p.add_argument("--out", help="the child run directory")
     p.add_argument("--dry-run", action="store_true",

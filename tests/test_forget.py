@@ -174,6 +174,14 @@ def test_plan_names_each_ids_first_step_and_the_share_replayed(recorded_run):
     assert "never" in text and f"fork at step {plan.fork_step}" in text
 
 
+def test_repeated_examples_flags_add_up(recorded_run, capsys):
+    parent = recorded_run(TINY, seed=3)
+    b = batches(parent)
+    rc, out, _ = run_main(capsys, "forget", parent, "--examples", b[2][0], "--examples", f"{b[5][0]},{b[6][0]}",
+                          "--dry-run")
+    assert rc == 0 and "forgetting 3 example(s)" in out
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(recorded_run, capsys, tmp_path):
     parent = recorded_run(TINY, seed=3)
     b = batches(parent)
