@@ -87,18 +87,22 @@ def compare(name: str, kw: dict, sizes=SIZES, steps: int = STEPS) -> list[str]:
     return mismatches
 
 
-def run(threads: int) -> list[str]:
+def run(threads: int, sizes=SIZES) -> list[str]:
     torch.set_num_threads(threads)
     out = []
     for name, kw in all_cases():
-        out.extend(compare(name, kw))
+        out.extend(compare(name, kw, sizes=sizes))
     return out
 
 
 if __name__ == "__main__":
+    # python tests/numerics_grid.py THREADS [MAX_SIZE]: the sizes up to MAX_SIZE (default: all)
+    max_size = int(sys.argv[2]) if len(sys.argv) > 2 else max(SIZES)
+    sizes = tuple(n for n in SIZES if n <= max_size)
     result = {
         "capability": torch.backends.cpu.get_cpu_capability(),
         "threads": int(sys.argv[1]),
-        "mismatches": run(int(sys.argv[1])),
+        "sizes": list(sizes),
+        "mismatches": run(int(sys.argv[1]), sizes),
     }
     print(json.dumps(result))
