@@ -496,3 +496,13 @@ def test_forget_equals_a_fork_at_step_0_that_drops_the_ids(recorded_run, tmp_pat
     whole = fork(parent, tmp_path / "whole", at=0, perturb=spec, progress=False)
     assert [r.digest for s, r in rows(whole).items() if s >= 15] == [r.digest for r in rows(child).values()]
     assert_same_bits(final_state(child), final_state(whole))
+
+
+def test_forget_from_a_recording_that_already_drops_examples(tmp_path):
+    """The dropped ids of the parent stay dropped: the forget equals a recording with the union."""
+    first = RecordSession(TINY, tmp_path / "parent", seed=3, progress=False, drop_examples=[5, 6]).run()
+    ids = ids_first_seen_at(first, 0.5)
+    child = forget(first, ids, tmp_path / "child", progress=False)
+    full = RecordSession(TINY, tmp_path / "full", seed=3, progress=False, drop_examples=[5, 6] + ids).run()
+    assert_forget_equals_full_recording(first, child, full, ids, 15)
+    assert check_certificate(child, progress=False).ok
