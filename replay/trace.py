@@ -37,7 +37,7 @@ import difflib
 import json
 import os
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -677,7 +677,6 @@ def recording_traces(run: RunDir, engine, steps):
     folder.mkdir(exist_ok=True)
     names = module_names(engine)
     done = {e["detail"].get("step") for e in run.ledger.events() if e["kind"] == TRACE_EVENT}
-    pending: list[tuple[int, _TraceWriter]] = []
 
     @contextmanager
     def around(step):

@@ -355,7 +355,7 @@ def test_cli_forget_writes_the_child_and_certificate(recorded_run, tmp_path, cap
     rc, out, err = run_main(capsys, "forget", parent, "--examples-file", tmp_path / "ids.txt", "--out",
                             tmp_path / "child", "--no-progress")
     assert rc == 0, err
-    assert f"forked at step 15 (the first step any was seen), replayed steps 15..29 (15 of 30, 50.0%)" in out
+    assert "forked at step 15 (the first step any was seen), replayed steps 15..29 (15 of 30, 50.0%)" in out
     assert (tmp_path / "child" / CERTIFICATE).is_file()
     assert all(not set(ids) & set(b) for b in batches(tmp_path / "child").values())
 
