@@ -213,12 +213,12 @@ class ForgetPlan:
 
     def describe(self, limit: int = 50) -> str:
         lines = [f"{self.run}: {self.total} steps; forgetting {len(self.ids)} example(s)",
-                 f"{'id':>10}  {'first seen':>10}  {'replayed':>8}"]
+                 f"{'id':>10}  {'fork step (first seen)':>22}  {'replayed':>8}"]
         for i in self.ids[:limit]:
             step = self.first_seen[i]
             seen = "never" if step is None else f"step {step}"
             replayed = "-" if step is None else f"{100 * self.share(step):.1f}%"
-            lines.append(f"{i:>10}  {seen:>10}  {replayed:>8}")
+            lines.append(f"{i:>10}  {seen:>22}  {replayed:>8}")
         if len(self.ids) > limit:
             lines.append(f"{'...':>10}  ({len(self.ids) - limit} more ids)")
         t = self.fork_step

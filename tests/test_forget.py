@@ -190,7 +190,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(recorded_run, capsys, tmp_pa
                             "--out", tmp_path / "never-written")
     assert rc == 0, err
     assert "fork at step 1, replay steps 1..29 (29 of 30 steps, 96.7% of the run)" in out
-    assert f"{late:>10}     step 25     16.7%" in out
+    assert f"{late:>10}  {'step 25':>22}     16.7%" in out
+    assert "fork step (first seen)" in out
     assert not (tmp_path / "never-written").exists()
 
 
