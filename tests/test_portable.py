@@ -116,3 +116,79 @@ def test_portable_agrees_with_torch_fused_outside_its_tail(n):
         theirs.step()
     body = n - n % 8
     assert torch.equal(a.detach()[:body].view(torch.int32), b.detach()[:body].view(torch.int32))
+
+
+# ------------------------------------------------------------ flush-to-zero (issue 10) ----
+#
+# torch.set_flush_denormal(True) sets the x86 FTZ/DAZ bits of the calling thread. The portable
+# kernels clear them on every thread that runs their units (and restore them), so subnormal
+# inputs and results round as IEEE (and CUDA) says whatever the caller's state. Before this,
+# every case below differed.
+
+
+def _mostly_subnormal(t: torch.Tensor) -> bool:
+    bits = t.view(torch.int32)
+    return bool((((bits & 0x7F800000) == 0) & (t != 0)).float().mean() > 0.9)
+
+
+def _subnormal_run(kind: str, n: int, threads: int, flush: bool) -> list[torch.Tensor]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(7)
+    try:
+        if kind == "EMA":
+            model = torch.nn.Linear(n, 1, bias=False)
+            with torch.no_grad():
+                model.weight.copy_(torch.randn(1, n, generator=generator) * 1e-39)
+            ema = replay.EMA(model, 0.9)
+            updates = [torch.randn(1, n, generator=generator) * 1e-39 for _ in range(3)]
+            assert all(_mostly_subnormal(t) for t in updates)
+            for update in updates:
+                with torch.no_grad():
+                    model.weight.copy_(update)
+                torch.set_flush_denormal(flush)
+                try:
+                    ema.update()
+                finally:
+                    torch.set_flush_denormal(False)
+            return [t.detach().clone() for t in ema.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        p = (torch.randn(n, generator=generator) * 1e-39).requires_grad_()
+        grads = [torch.randn(n, generator=generator) * 1e-39 for _ in range(3)]
+        assert all(_mostly_subnormal(t) for t in [p.detach()] + grads)  # what FTZ/DAZ would flush
+        extra = {"momentum": 0.9} if kind == "SGD" else {"weight_decay": 0.01}
+        opt = getattr(replay.optim, kind)([p], lr=1e-3, **extra)
+        for grad in grads:
+            p.grad = grad
+            torch.set_flush_denormal(flush)
+            try:
+                opt.step()
+            finally:
+                torch.set_flush_denormal(False)
+        return [p.detach().clone()] + [v.clone() for v in opt.state[p].values() if v.dim() > 0]
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU has no flush-to-zero mode")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [1000, 200_003], ids=["serial", "parallel"])
+@pytest.mark.parametrize("kind", ["AdamW", "Adam", "SGD", "EMA"])
+def test_portable_kernels_ignore_flush_to_zero(kind, n, threads):
+    plain = _subnormal_run(kind, n, threads, flush=False)
+    flushed = _subnormal_run(kind, n, threads, flush=True)
+    assert len(plain) == len(flushed) > 0
+    for a, b in zip(plain, flushed):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_the_callers_flush_mode_is_restored():
+    p = torch.full((10,), 1e-39).requires_grad_()
+    opt = replay.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.full((10,), 1e-39)
+    torch.set_flush_denormal(True)
+    try:
+        opt.step()
+        flushed = torch.full((4,), 3e-39) * torch.ones(4)  # FTZ still on: the product flushes
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(flushed, torch.zeros(4))

@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 namespace replay {
 namespace cpu {
 
@@ -63,17 +67,54 @@ class FingerprintTotals {
 // barrier waits for a descheduled thread. The results are the same either way.
 constexpr int64_t kSerialElements = int64_t{1} << 16;
 
+// While alive (and `active`), the calling thread computes with IEEE subnormals: its x86
+// flush-to-zero (FTZ) and denormals-are-zero (DAZ) bits, which torch.set_flush_denormal(True)
+// sets, are cleared, and restored afterwards. The portable contract promises CUDA's bits, and
+// CUDA computes float32 with subnormals (replay's kernels are not built with -ftz); under FTZ/DAZ
+// a subnormal input or result would round differently. Each thread has its own MXCSR, so the
+// guard is taken on every thread that runs a unit. (Other architectures: not handled yet; the
+// flags are x86's.)
+class IeeeSubnormals {
+ public:
+  explicit IeeeSubnormals(bool active) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (active) {
+      saved_ = _mm_getcsr();
+      changed_ = (saved_ & kFlushBits) != 0;
+      if (changed_) _mm_setcsr(saved_ & ~kFlushBits);
+    }
+#else
+    (void)active;
+#endif
+  }
+  ~IeeeSubnormals() {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (changed_) _mm_setcsr(saved_);
+#endif
+  }
+  IeeeSubnormals(const IeeeSubnormals&) = delete;
+  IeeeSubnormals& operator=(const IeeeSubnormals&) = delete;
+
+ private:
+  static constexpr unsigned kFlushBits = 0x8040u;  // FTZ (bit 15) | DAZ (bit 6)
+  unsigned saved_ = 0;
+  bool changed_ = false;
+};
+
 // Runs fn(unit) for every unit, in parallel on torch's intra-op thread pool (serially when the
-// units hold little work).
+// units hold little work); with `ieee_subnormals`, every thread that runs units does so with
+// FTZ/DAZ cleared (IeeeSubnormals).
 template <typename Fn>
-void parallel_units(const std::vector<WorkUnit>& units, const Fn& fn) {
+void parallel_units(const std::vector<WorkUnit>& units, const Fn& fn, bool ieee_subnormals = false) {
   int64_t total = 0;
   for (const auto& u : units) total += u.end - u.begin;
   if (total <= kSerialElements) {
+    IeeeSubnormals guard(ieee_subnormals);
     for (const auto& u : units) fn(u);
     return;
   }
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    IeeeSubnormals guard(ieee_subnormals);
     for (int64_t u = begin; u < end; ++u) fn(units[static_cast<size_t>(u)]);
   });
 }

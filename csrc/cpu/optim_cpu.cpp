@@ -282,7 +282,7 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
     sgd_range(r, s, fused, fingerprint);
     totals.add(u.tensor, 0, sums[0]);
     totals.add(u.tensor, 1, sums[1]);
-  });
+  }, /*ieee_subnormals=*/mode == Numerics::kPortable);  // torch numerics: as torch computes
   return totals_tensor(totals, n, 2).narrow(1, 0, fingerprint ? (has_momentum ? 2 : 1) : 0).contiguous();
 }
 
@@ -319,7 +319,7 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                 sums};
     adam_range(r, s, mode, amsgrad, fingerprint);
     for (int64_t k = 0; k < slots; ++k) totals.add(u.tensor, k, sums[k]);
-  });
+  }, /*ieee_subnormals=*/mode == Numerics::kPortable);  // torch numerics: as torch computes
   return totals_tensor(totals, n, 4).narrow(1, 0, fingerprint ? slots : 0).contiguous();
 }
 
@@ -337,7 +337,7 @@ at::Tensor ema_update_cpu(at::TensorList averages, at::TensorList sources, doubl
     ema_range(averages[t].data_ptr<float>(), sources[t].data_ptr<float>(), w, fingerprint, u.begin,
               u.end, &sum);
     totals.add(u.tensor, 0, sum);
-  });
+  }, /*ieee_subnormals=*/true);  // the EMA has one numerics: the portable one
   return totals_tensor(totals, n, 1).narrow(1, 0, fingerprint ? 1 : 0).contiguous();
 }
 
