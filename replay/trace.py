@@ -252,6 +252,15 @@ class OpTracer(TorchDispatchMode):
         return out
 
 
+def _header(run: str | os.PathLike, run_id: str, step: int, variant: str | None) -> dict:
+    """A trace file's first line: what was traced, and where (threads, environment)."""
+    from . import environment as env_module
+
+    return {"format": TRACE_FORMAT, "version": TRACE_VERSION, "run": str(run), "run_id": run_id, "step": step,
+            **({"variant": variant} if variant is not None else {}), "threads": torch.get_num_threads(),
+            "environment": env_module.environment()}
+
+
 class _TraceWriter:
     """Streams a trace to a temporary file beside `path`; `commit()` renames it into place."""
 
@@ -365,7 +374,6 @@ def trace_step(run_dir: str | os.PathLike, step: int, out: str | os.PathLike | N
     written). With repeat > 1 the step runs that many times from the same state, with `threads`
     once per thread count; the result then lists the ops whose outputs differ between runs
     although their inputs agree. The first run is the one written."""
-    from . import environment as env_module
     from .driver import compare_record, load_run_program
 
     if repeat < 1:
@@ -392,9 +400,7 @@ def trace_step(run_dir: str | os.PathLike, step: int, out: str | os.PathLike | N
             engine.load_state_dict(copy.deepcopy(state))
         if threads:
             torch.set_num_threads(threads[k])
-        header = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "run": str(run_dir), "run_id": run_id,
-                  "step": step, **({"variant": variant} if len(variants) > 1 else {}), "threads": torch.get_num_threads(),
-                  "environment": env_module.environment()}
+        header = _header(run_dir, run_id, step, variant if len(variants) > 1 else None)
         ops: list[dict] = []
         writer = _TraceWriter(out, header) if (out is not None and k == 0) else None
 
@@ -422,8 +428,9 @@ def trace_step(run_dir: str | os.PathLike, step: int, out: str | os.PathLike | N
         traces.append(ops)
     result = TraceResult(Path(out) if out is not None else None, step, count, matches, diverged, variants)
     if len(traces) > 1:
-        result.nondeterministic = nondeterministic_ops(traces)
-        result.structure = [s for other in traces[1:] for s in diff_traces(traces[0], other).structure]
+        diffs = [diff_traces(traces[0], other) for other in traces[1:]]
+        result.nondeterministic = _origins_across(diffs)
+        result.structure = [s for d in diffs for s in d.structure]
     return result
 
 
@@ -625,9 +632,14 @@ def nondeterministic_ops(traces: list[list[dict]]) -> list[dict]:
     agree, or whose only differing inputs came from outside the traced ops (the same step run
     several times from the same state: such an input was made from Python-side randomness).
     Each op dict gets "cause": "op" or "input"."""
+    return _origins_across([diff_traces(traces[0], other) for other in traces[1:]])
+
+
+def _origins_across(diffs: list[TraceDiff]) -> list[dict]:
+    """The origins of several diffs against one trace, once each, in op order, with their cause."""
     found: dict[int, dict] = {}
-    for other in traces[1:]:
-        for op, cause in diff_traces(traces[0], other).origins:
+    for diff in diffs:
+        for op, cause in diff.origins:
             found.setdefault(op["i"], {**op, "cause": cause})
     return [found[i] for i in sorted(found)]
 
@@ -664,7 +676,6 @@ def stored_trace_name(step: int) -> str:
 def recording_traces(run: RunDir, engine, steps):
     """While recording: trace each step of `steps` into the run's traces/ folder (a reference
     for later diffs), recording each file's SHA-256 in a ledger event once it is complete."""
-    from . import environment as env_module
     from .store.atomic import sha256_file
     from .store.paths import no_link
 
@@ -676,16 +687,14 @@ def recording_traces(run: RunDir, engine, steps):
     no_link(str(folder))
     folder.mkdir(exist_ok=True)
     names = module_names(engine)
-    done = {e["detail"].get("step") for e in run.ledger.events() if e["kind"] == TRACE_EVENT}
+    done = set(stored_traces(run))
 
     @contextmanager
     def around(step):
         if step not in wanted or step in done:
             yield
             return
-        header = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "run": str(run.path),
-                  "run_id": run.manifest["run_id"], "step": step, "variant": "recording",
-                  "threads": torch.get_num_threads(), "environment": env_module.environment()}
+        header = _header(run.path, run.manifest["run_id"], step, "recording")
         target = folder / stored_trace_name(step)
         no_link(str(target))
         writer = _TraceWriter(target, header)
