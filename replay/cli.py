@@ -296,11 +296,13 @@ def _cmd_forget(args) -> int:
     from .outputs import check_run_out
 
     check_run_out(args.out)
-    plan = plan_forget(args.run, ids)
     out = forget(args.run, ids, args.out, progress=not args.no_progress)
-    t = plan.fork_step
-    print(f"forgot {len(plan.ids)} example(s) from {args.run}: forked at step {t} (the first step any was seen), "
-          f"replayed steps {t}..{plan.total - 1} ({plan.total - t} of {plan.total}, {100 * plan.share(t):.1f}%) into {out}")
+    with open(os.path.join(out, CERTIFICATE), encoding="utf-8") as f:  # what was done, as certified
+        cert = json.load(f)
+    t, total = cert["fork_step"], cert["steps_total"]
+    print(f"forgot {len(cert['ids'])} example(s) from {args.run}: forked at step {t} (the first step any was seen), "
+          f"replayed steps {t}..{total - 1} ({cert['steps_replayed']} of {total}, "
+          f"{100 * cert['share_replayed']:.1f}%) into {out}")
     print(f"certificate: {os.path.join(out, CERTIFICATE)} (re-check: replay verify {out} --certificate)")
     return 0
 

@@ -307,7 +307,7 @@ def certificate(run_dir: str | os.PathLike) -> dict:
     ids = sorted(drop.get("ids", [])) if drop.get("name") == "drop_examples" else None
     if ids is None or drop.get("start") != t or ids != request.get("ids"):
         raise ForgetError(f"{path}: its last perturbation is not drop_examples of the requested ids at step {t}")
-    segments = history(path)
+    segments = history(path)  # the parents' steps [0, T), then this run's [T, end)
     before = [s for s in segments if s.start < t]
     after = [s for s in segments if s.start >= t]
     wanted = set(ids)
@@ -315,9 +315,13 @@ def certificate(run_dir: str | os.PathLike) -> dict:
     seen_after, digest_after, n_after = _scan(after, wanted)
     parent = parent_of(path, manifest)
     with RunDir.open(parent) as run:
-        parent_segments = history(parent)
-        first_seen, _, _ = _scan(parent_segments, wanted)
         parent_steps = run.manifest["steps"]
+        parent_last = run.ledger.last_step()
+    # Each id's first step in the parent: [0, T) was read above; the parent's own rows from T on
+    # (a parent holds every step from its own first step, which is <= T) complete it.
+    parent_end = t if parent_last is None else max(t, parent_last + 1)
+    seen_later, _, _ = _scan([Segment(parent, lineage["parent_id"], t, parent_end)], wanted - set(seen_before))
+    first_seen = {**seen_later, **seen_before}
     from .engine import digest_of
 
     model = final.fingerprints.get("model", {})
