@@ -124,12 +124,17 @@ class Engine:
 
     def seed_step(self, step: int) -> dict[str, torch.Generator]:
         """Seed torch's (and Python's and numpy's) global generators for step `step` from the
-        "dropout" stream; return the generators of the other streams."""
-        self.contract.seed_global(step)
-        seed = self.contract.seed("dropout", step)
+        "dropout" stream; return the generators of the other streams. A perturbation active at
+        the step may draw it from another contract (redraw: other draws over its window only)."""
+        contract = self.contract
+        for p in self.perturbations:
+            if p.start <= step < p.end:
+                contract = p.step_contract(contract, step)
+        contract.seed_global(step)
+        seed = contract.seed("dropout", step)
         random.seed(seed)
         np.random.seed(seed % (2**32))
-        return self.contract.generators(step)
+        return contract.generators(step)
 
     def run_step(self) -> StepRecord:
         t = self.completed

@@ -42,6 +42,7 @@ __all__ = [
     "parameter_distance", "linear_cka", "DISTANCES",
     "paired_effect", "interval_coverage", "DEFAULT_INTERVAL", "noise_floor", "noise_ratio", "benjamini_hochberg", "tost",
     "excess_effect", "fit_decay", "fit_excess_curve", "CURVE_MODELS", "verdict", "VERDICTS",
+    "expected_calibration_error", "backflow_witness", "additivity", "divergence_exponent",
 ]
 
 
@@ -175,6 +176,28 @@ def loss(p, labels, eps: float = LOSS_EPS) -> float:
         raise ValueError(f"labels must lie in [0, {p.shape[1]})")
     picked = p[np.arange(p.shape[0]), y]
     return float(np.mean(-np.log(np.maximum(picked, eps))))
+
+
+def expected_calibration_error(p, labels, n_bins: int = 15) -> float:
+    """Expected calibration error (ECE) of one model on the probe: the examples are put in
+    ``n_bins`` equal-width bins of their confidence max_k p_k (bin b holds confidence in
+    ((b-1)/B, b/B], the first bin includes 0), and ECE = sum_b (n_b / n) * |accuracy_b -
+    mean confidence_b| (accuracy by argmax, ties to the lowest index, as ``accuracy``). In [0, 1].
+    The signed effect of a fork is ECE(q) - ECE(p)."""
+    p = _probabilities(p, "p")
+    y = _labels(labels, p.shape[0])
+    if not (isinstance(n_bins, int) and n_bins >= 1):
+        raise ValueError("n_bins must be a positive integer")
+    confidence = p.max(axis=1)
+    correct = (np.argmax(p, axis=1) == y).astype(np.float64)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        members = bins == b
+        m = int(members.sum())
+        if m:
+            total += m * abs(float(correct[members].mean()) - float(confidence[members].mean()))
+    return float(min(max(total / p.shape[0], 0.0), 1.0))
 
 
 def parameter_distance(state_a: Mapping, state_b: Mapping) -> tuple[float, dict[str, float]]:
@@ -1246,4 +1269,130 @@ def verdict(excess_per_seed, *, floor: float, margin: float = 0.1, alpha: float 
         out["reason"] = (f"neither: mean excess {mean:.4g}, {name} = {test:.3g} (memory needs <= {alpha:g} and a "
                          f"positive mean), {100 * (1 - 2 * alpha):g}% interval ends at {hi90:.4g} >= the margin "
                          f"{m:.4g} ({margin:g} x floor {floor:.4g})")
+    return out
+
+
+# ------------------------------------------------------------------ memory characterization ----
+
+
+def backflow_witness(d1_per_seed, d2_per_seed, *, n_resamples: int = 2000) -> dict:
+    """The back-flow witness of training memory (docs/estimands.md): per seed, D1 is the distance
+    between the two branches after the instruments A and A' (k steps each, the same batches,
+    other random draws) and D2 the distance after the common instrument B that follows; the
+    witness is W = D2 - D1. A memoryless (Markovian) process cannot make two states more
+    distinguishable by applying the same map to both when that map is a contraction, so W > 0
+    beyond the interval certifies memory carried past the instruments. Returns ``paired_effect``
+    of W (``mean``, ``interval``, ``p_value``, ...) plus ``per_seed``, ``d1_mean``, ``d2_mean``,
+    ``positive`` (the interval lies above 0) and ``amplification`` = mean D2 / mean D1."""
+    d1, d2 = _values(d1_per_seed), _values(d2_per_seed)
+    if d1.shape != d2.shape:
+        raise ValueError(f"D1 and D2 need one value per seed each, got {d1.shape} and {d2.shape}")
+    w = d2 - d1
+    out = paired_effect(w, n_resamples=n_resamples)
+    d1_mean, d2_mean = float(np.mean(d1)) if d1.size else NAN, float(np.mean(d2)) if d2.size else NAN
+    out.update(per_seed=[float(v) for v in w], d1_mean=d1_mean, d2_mean=d2_mean,
+               positive=bool(np.isfinite(out["interval"][0]) and out["interval"][0] > 0),
+               amplification=d2_mean / d1_mean if d1_mean > 0 else NAN)
+    return out
+
+
+def additivity(delta_p, delta_q, delta_pq, *, n_resamples: int = 2000) -> dict:
+    """How far the effect of two perturbations together departs from the sum of their effects.
+
+    ``delta_p``, ``delta_q``, ``delta_pq``: [seeds, ...] displacements of the probe logits of the
+    children with P, with Q and with both from the same seed's factual run (same step). Per seed:
+    the interaction I = delta_pq - delta_p - delta_q, its size ||I|| (L2 over every probe entry,
+    divided by sqrt(number of entries): an RMS logit), and the relative interaction
+    ||I|| / (||delta_p|| + ||delta_q||): 0 when the effects add, 0.5 when Q repeats P (P and Q
+    together do what P does, e.g. the same reset twice), 1 when two equal effects undo each other
+    together (the pair changes nothing); above 1 when together they move the logits further than
+    both alone could. Returns
+    ``relative`` and ``size`` as ``paired_effect`` results with ``per_seed`` lists; a seed whose
+    two single effects are both exactly zero has no relative value (NaN, and the mean is NaN)."""
+    p, q, pq = (np.asarray(_numpy(a), dtype=np.float64) for a in (delta_p, delta_q, delta_pq))
+    if not (p.shape == q.shape == pq.shape) or p.ndim < 1 or p.shape[0] == 0:
+        raise ValueError(f"displacements need equal shapes [seeds, ...], got {p.shape}, {q.shape}, {pq.shape}")
+    n = p.shape[0]
+    p, q, pq = p.reshape(n, -1), q.reshape(n, -1), pq.reshape(n, -1)
+    scale = math.sqrt(p.shape[1]) if p.shape[1] else 1.0
+    inter = np.linalg.norm(pq - p - q, axis=1) / scale
+    singles = (np.linalg.norm(p, axis=1) + np.linalg.norm(q, axis=1)) / scale
+    with np.errstate(invalid="ignore", divide="ignore"):
+        relative = np.where(singles > 0, inter / np.where(singles > 0, singles, 1.0), NAN)
+    rel = paired_effect(relative, n_resamples=n_resamples)
+    size = paired_effect(inter, n_resamples=n_resamples)
+    return {"relative": {**rel, "per_seed": [float(v) for v in relative]},
+            "size": {**size, "per_seed": [float(v) for v in inter]}}
+
+
+def distance_additivity(d_p, d_q, d_pq, *, n_resamples: int = 2000) -> dict:
+    """Additivity of a distance: per seed, d(P+Q) - (d(P) + d(Q)) (negative: the effects overlap
+    or cancel, positive: they reinforce beyond their sum) and the ratio d(P+Q) / (d(P) + d(Q)).
+    ``excess`` and ``ratio`` are ``paired_effect`` results with ``per_seed`` lists."""
+    a, b, ab = _values(d_p), _values(d_q), _values(d_pq)
+    if not (a.shape == b.shape == ab.shape):
+        raise ValueError("distances need one value per seed each")
+    excess = ab - (a + b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(a + b > 0, ab / np.where(a + b > 0, a + b, 1.0), NAN)
+    return {"excess": {**paired_effect(excess, n_resamples=n_resamples), "per_seed": [float(v) for v in excess]},
+            "ratio": {**paired_effect(ratio, n_resamples=n_resamples), "per_seed": [float(v) for v in ratio]}}
+
+
+def divergence_exponent(steps, distances_per_seed, *, min_points: int = 3, n_resamples: int = 2000) -> dict:
+    """The finite-time divergence exponent of two trajectories: the growth rate lambda of their
+    distance, d(t) ~ d0 * exp(lambda * t), fitted to log d against t over the window where it grows.
+
+    ``steps``: increasing steps (or delays); ``distances_per_seed``: [seeds, steps] distances
+    (each seed's child against its own parent). The window is chosen once for all seeds from the
+    mean over seeds of log d: it starts at the first step where every seed's distance is positive
+    and finite and ends at the step where that mean log distance is largest (after it, the
+    distance no longer grows: saturation or decay). Each seed's lambda is the least-squares slope
+    of log d on t over the window; the estimate is their mean with the paired t interval
+    (``paired_effect``). Per step, not per epoch; ln 2 / lambda is the doubling time.
+
+    Returns ``exponent`` (mean), ``interval``, ``per_seed``, ``window`` [first step, last step],
+    ``points`` (steps in the window), ``doubling_time``, ``r2`` (of the fit to the mean log
+    curve), ``fit_ok`` and ``reason`` (fewer than ``min_points`` growing points, or no growth)."""
+    t = _values(steps)
+    d = np.asarray(_numpy(distances_per_seed), dtype=np.float64)
+    if d.ndim != 2 or d.shape[1] != t.size:
+        raise ValueError(f"distances must be [seeds, {t.size} steps], got shape {d.shape}")
+    if t.size > 1 and np.any(np.diff(t) <= 0):
+        raise ValueError("steps must increase")
+    out = {"exponent": NAN, "interval": (NAN, NAN), "per_seed": [], "window": [NAN, NAN], "points": 0,
+           "doubling_time": NAN, "r2": NAN, "fit_ok": False, "reason": "", "n": int(d.shape[0]),
+           "steps": [float(x) for x in t], "mean_log": []}
+    positive = np.all(np.isfinite(d) & (d > 0), axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.where(d > 0, np.log(np.where(d > 0, d, 1.0)), -np.inf)
+    mean_log = np.where(positive, logs.mean(axis=0), NAN)
+    out["mean_log"] = [float(x) for x in mean_log]
+    if d.shape[0] == 0 or not positive.any():
+        out["reason"] = "the distance is exactly 0 (or not finite) at every step: nothing diverges"
+        return out
+    first = int(np.argmax(positive))
+    run = first
+    while run + 1 < t.size and positive[run + 1]:
+        run += 1
+    last = first + int(np.nanargmax(mean_log[first:run + 1]))
+    idx = np.arange(first, last + 1)
+    out["window"] = [float(t[first]), float(t[last])]
+    out["points"] = int(idx.size)
+    if idx.size < min_points:
+        out["reason"] = (f"the distance grows over {idx.size} evaluated step(s) only (from {t[first]:g} to "
+                         f"{t[last]:g}); a slope needs {min_points}: add delays inside the growth")
+        return out
+    x = t[idx] - t[idx].mean()
+    slopes = (logs[:, idx] - logs[:, idx].mean(axis=1, keepdims=True)) @ x / float(x @ x)
+    effect = paired_effect(slopes, n_resamples=n_resamples)
+    y = mean_log[idx]
+    fitted = y.mean() + (y - y.mean()) @ x / float(x @ x) * x
+    ss = float(((y - y.mean()) ** 2).sum())
+    lam = effect["mean"]
+    out.update(exponent=lam, interval=effect["interval"], per_seed=[float(v) for v in slopes],
+               doubling_time=LN2 / lam if lam > 0 else math.inf, p_value=effect["p_value"],
+               r2=1.0 - float(((y - fitted) ** 2).sum()) / ss if ss > 0 else NAN, fit_ok=True)
+    if lam <= 0:
+        out["reason"] = "the fitted slope is not positive: the distance does not grow over the window"
     return out

@@ -16,6 +16,8 @@ Hooks, called by replay.engine.Engine (all optional):
   contract(contract) -> contract     the child's RNG contract (re-seeding a stream)
   batch_ids(engine, step, ids) -> ids the batch of a step (data-order primitives)
   restore(engine)                    after the engine is built or restored (optimizer swaps)
+  step_contract(contract, step) -> contract
+                                     the contract a step of the window draws from (redraw)
   apply(engine)                      once, when step `start` begins (state primitives)
   begin_step(engine, step) -> token  before each step of the window ...
   end_step(engine, step, token)      ... and after it, before the LR scheduler steps
@@ -98,6 +100,9 @@ class Perturbation:
 
     def batch_ids(self, engine, step: int, ids: list[int]) -> list[int]:
         return ids
+
+    def step_contract(self, contract, step: int):
+        return contract
 
     def restore(self, engine) -> None:
         pass
@@ -936,6 +941,40 @@ class Reseed(Perturbation):
         return contract.with_reseed(self.values["stream"], self.start, int(self.values["salt"]))
 
 
+@_register
+class Redraw(Perturbation):
+    """Different draws of one random stream over the window only (the back-flow witness's
+    instrument A': the same batches, other dropout or augmentation draws); after the window the
+    stream draws what the parent drew. `reseed` changes a stream for good."""
+
+    name = "redraw"
+    summary = "other draws of one random stream (default: dropout) over the window only; the parent's draws after it"
+    params = {"stream": "dropout", "salt": 1}
+
+    def _check_values(self):
+        _text(self.name, "stream", self.values["stream"])
+        _integer(self.name, "salt", self.values["salt"], low=0, high=SALT_MAX)
+        if self.values["stream"] in ("init", "order"):
+            raise ValueError(f"redraw: stream {self.values['stream']!r} is not drawn per step (init builds the "
+                             "model, order is the data order: use swap_windows or shuffle_window)")
+
+    @property
+    def touches(self):
+        return (f"rng:{self.values['stream']}",)
+
+    def contract(self, contract):
+        if self.values["stream"] not in contract.streams:
+            raise PerturbationRefused(f"redraw: no stream {self.values['stream']!r} (streams: {list(contract.streams)})")
+        try:  # a salt an earlier re-seed of this stream still uses would repeat its draws
+            contract.with_reseed(self.values["stream"], self.start, int(self.values["salt"]))
+        except ValueError as error:
+            raise PerturbationRefused(f"redraw: {error}") from None
+        return contract
+
+    def step_contract(self, contract, step):
+        return contract.with_reseed(self.values["stream"], step, int(self.values["salt"]))
+
+
 # ------------------------------------------------------------------------------ specs ----
 
 
@@ -971,12 +1010,18 @@ def parse_spec(text: str) -> dict:
 
 def from_spec(spec: str | Mapping, *, start: int | None = None, window: int | None = None) -> Perturbation:
     """A perturbation from a short spec string or a JSON dict; start/window fill in what the
-    spec leaves out."""
+    spec leaves out. `starts_after` (a spec key) makes it act that many steps after `start` (the
+    fork step): the back-flow witness's causal break acts when its common instrument begins."""
     spec = parse_spec(spec) if isinstance(spec, str) else dict(spec)
     name = spec.pop("name", None)
     if name not in REGISTRY:
         raise ValueError(f"unknown perturbation {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    spec.setdefault("start", 0 if start is None else start)
+    delay = spec.pop("starts_after", 0)
+    if not isinstance(delay, int) or isinstance(delay, bool) or delay < 0:
+        raise ValueError(f"{name}: starts_after must be a non-negative number of steps, got {delay!r}")
+    if delay and "start" in spec:
+        raise ValueError(f"{name}: give start or starts_after, not both")
+    spec.setdefault("start", (0 if start is None else start) + delay)
     spec.setdefault("window", 1 if window is None else window)
     return REGISTRY[name](**spec)
 

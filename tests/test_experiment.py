@@ -13,6 +13,7 @@ import pytest
 from replay.cli import main as cli
 from replay.experiment import Arm, Experiment, ExperimentError, ExperimentSpec
 from replay.experiment.audit import placebo_check
+from replay.experiment.spec import SIGNED
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,7 +151,7 @@ def test_verdicts_are_one_per_row_and_agree_with_their_intervals(tmp_path, capsy
     results = Experiment(demo_spec(), tmp_path / "exp").run(progress=False)
     allowed = {"memory beyond chaos", "no memory beyond chaos", "inconclusive", "placebo", "reference"}
     for e in results["estimates"]:
-        if e["distance"] in ("accuracy_diff", "loss_diff") and not (e["placebo"] or e["reference"]):
+        if e["distance"] in SIGNED and not (e["placebo"] or e["reference"]):
             assert e["verdict"] is None
             continue
         assert e["verdict"] in allowed, e

@@ -276,6 +276,9 @@ def estimate(experiment) -> dict:
         _decide(spec, rows)
 
     placebo = placebo_check(experiment, placebo_values)
+    from .memory import analyses
+
+    memory = analyses(experiment, ev, labels)
     results = {
         "version": RESULTS_VERSION,
         "experiment": {
@@ -298,6 +301,7 @@ def estimate(experiment) -> dict:
         "lifetimes": lifetimes,
         "placebo": placebo,
         "checklist": checklist(experiment),
+        **{name: section for name, section in memory.items() if section is not None},
     }
     if not placebo["exact_zero"]:
         write_results(experiment.out, results)

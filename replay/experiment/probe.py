@@ -173,7 +173,21 @@ def observable(name: str, a: dict, b: dict, step: int, labels: np.ndarray) -> fl
         return float(est.accuracy(pb, labels) - est.accuracy(pa, labels))
     if name == "loss_diff":
         return float(est.loss(pb, labels) - est.loss(pa, labels))
+    if name == "ece":
+        return float(est.expected_calibration_error(pb, labels) - est.expected_calibration_error(pa, labels))
     raise ValueError(f"unknown observable {name!r}")
+
+
+def calibration_error(a: dict, step: int, labels: np.ndarray) -> float:
+    """The ECE of one run's probe predictions at `step` (replay.estimands.expected_calibration_error)."""
+    from .. import estimands as est
+
+    return float(est.expected_calibration_error(_probabilities(a[f"logits@{step}"]), labels))
+
+
+def displacement(a: dict, b: dict, step: int) -> np.ndarray:
+    """The probe logits of run b minus run a's at `step`, float64 (the additivity measure)."""
+    return (b[f"logits@{step}"].double() - a[f"logits@{step}"].double()).numpy()
 
 
 def update_difference(a: dict, b: dict, step: int) -> float:

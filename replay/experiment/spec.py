@@ -2,6 +2,14 @@
 
 `ExperimentSpec` is validated when it is built (from Python or from TOML), so a bad spec fails
 before anything runs. Whether an arm is the placebo is decided here, once (`Arm.is_placebo`).
+
+An experiment has a kind (KINDS): "effects" (the default: each arm's effect against the seed
+floor and the chaos baseline), "witness" (the back-flow witness: its arms are generated from
+the `witness` table), "additivity" (pairs of arms and each pair together: `pairs`, default every
+pair), "divergence" (how fast a one-bit flip diverges: the reference arm at every fork step) and
+"calibration" (the ECE difference leads). Every kind runs on the same machinery; the kind adds
+arms and says which analyses the results and the report lead with (replay.experiment.memory).
+Generated arms carry `generated = true` and are made again, never read back, from a spec's JSON.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..perturb import from_spec
+from ..perturb import from_spec, parse_spec
 from ..store.schema import MAX_SEED, MAX_STEPS, Int, List, SchemaError, Str, check, check_json_limits
 
 # Limits of a spec (replay.store.schema checks them before anything else is looked at).
@@ -22,8 +30,10 @@ SPEC = "experiment spec"
 
 # The observables an experiment can estimate (replay.experiment.probe computes them with
 # replay.estimands). Signed ones are differences of a metric, not distances.
-OBSERVABLES = ("tv", "js", "hellinger", "disagreement", "accuracy_diff", "loss_diff", "param_l2", "cka")
-SIGNED = ("accuracy_diff", "loss_diff")
+OBSERVABLES = ("tv", "js", "hellinger", "disagreement", "accuracy_diff", "loss_diff", "ece", "param_l2", "cka")
+SIGNED = ("accuracy_diff", "loss_diff", "ece")
+KINDS = ("effects", "witness", "additivity", "divergence", "calibration")
+WITNESS_KEYS = {"instrument_steps", "stream", "salt", "causal_break", "programs"}
 NEEDS_LAYER = ("cka",)
 
 
@@ -44,6 +54,7 @@ class Arm:
     window: int = 1
     reference: bool = False  # the chaos baseline (a one-bit flip): lifetimes are excess over it
     program: str | None = None  # a variant program (its own factual runs); default: the spec's
+    generated: bool = False  # made by the experiment's kind (witness arms, pair arms, ...)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.startswith("."):
@@ -70,10 +81,13 @@ class ExperimentSpec:
     program: str
     seeds: list[int]
     fork_steps: list[int]
-    arms: list[Arm]
     horizons: list[int]
     probe: dict
+    arms: list[Arm] = field(default_factory=list)  # kinds witness and divergence generate theirs
     name: str = "experiment"
+    kind: str = "effects"
+    witness: dict | None = None  # kind "witness": instrument_steps, stream, salt, causal_break, programs
+    pairs: list | None = None  # additivity: [[arm P, arm Q], ...]; kind "additivity" defaults to every pair
     steps: int | None = None
     distances: list[str] | None = None  # default: every observable the probe allows (cka needs a layer)
     primary_distance: str = "tv"
@@ -109,15 +123,33 @@ class ExperimentSpec:
             if isinstance(raw.get("window"), int):
                 check(raw["window"], Int(1, MAX_STEPS), SPEC, f"arms[{i}].window")
         check_json_limits(self.probe, SPEC, "spec")
+        for extra in (self.witness, self.pairs):
+            if extra is not None:
+                check_json_limits(extra, SPEC, "spec")
 
     def __post_init__(self):
         self._check_limits()
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown experiment kind {self.kind!r}; known: {', '.join(KINDS)}")
+        # Arms a kind generates are made again from the rest of the spec (a spec read back from
+        # its JSON holds them already).
+        self.arms = [a for a in (self.arms if isinstance(self.arms, list) else [])
+                     if not (a.generated if isinstance(a, Arm) else isinstance(a, dict) and a.get("generated"))]
         if not isinstance(self.probe, dict) or not isinstance(self.probe.get("source"), str):
             raise ValueError("probe needs a 'source': 'module:callable' returning (inputs, labels)")
         layer = self.probe.get("layer")
         if layer is not None and not isinstance(layer, str):
             raise ValueError(f"probe.layer must be a module name (a string), got {layer!r}")
         self.arms = [a if isinstance(a, Arm) else Arm(**a) for a in self.arms]
+        if self.witness is not None and self.kind != "witness":
+            raise ValueError("a `witness` table belongs to kind = \"witness\"")
+        if self.kind == "witness":
+            self._witness_arms()
+        if self.kind == "divergence" and not any(a.reference for a in self.arms):
+            self.arms.append(Arm("bitflip", ["bitflip"], reference=True, generated=True))
+        if self.kind in ("witness", "divergence") and not any(a.is_placebo and not a.program for a in self.arms):
+            self.arms.insert(0, Arm("placebo", ["placebo"], generated=True))
+        self._pair_arms()
         if not self.arms:
             raise ValueError("an experiment needs at least one arm")
         for name, values in (("seeds", self.seeds), ("fork_steps", self.fork_steps), ("horizons", self.horizons)):
@@ -133,6 +165,15 @@ class ExperimentSpec:
         if self.distances is None:
             self.distances = [d for d in OBSERVABLES if d not in NEEDS_LAYER or layer is not None]
         self.distances = list(self.distances)
+        if self.kind == "calibration" and "ece" not in self.distances:
+            raise ValueError("kind = \"calibration\" estimates the ECE difference: keep 'ece' among the distances")
+        if self.kind == "divergence" and len(set(self.horizons)) < 3:
+            raise ValueError("kind = \"divergence\" fits a growth rate: give at least 3 horizons (delays), "
+                             "dense where the distance grows, e.g. [0, 1, 2, 4, 8, 16, 32]")
+        if self.kind == "witness" and (0 not in self.horizons or max(self.horizons) <= 0):
+            raise ValueError("kind = \"witness\" compares the distance right after the instruments (horizon 0: D1) "
+                             "with the distance after the common instrument B (each positive horizon is a length "
+                             "of B: D2); give horizons = [0, m, ...] with m > 0")
         unknown = set(self.distances) - set(OBSERVABLES)
         if unknown:
             raise ValueError(f"unknown distances {sorted(unknown)}; known: {list(OBSERVABLES)}")
@@ -159,6 +200,90 @@ class ExperimentSpec:
         if self.steps is not None and not (isinstance(self.steps, int) and self.steps > 0):
             raise ValueError("steps must be a positive integer")
 
+    def _witness_arms(self) -> None:
+        """The instruments of the back-flow witness, per program and instrument length k: A' (the
+        same batches with other draws of one stream over k steps: `redraw`), the causal break
+        alone (optimizer state reset when B begins, k steps after the fork: `break_k`) and both
+        (A' then the break). The parent is A; B is the parent's own continuation."""
+        w = self.witness if self.witness is not None else {}
+        if not isinstance(w, dict):
+            raise ValueError("witness must be a table: instrument_steps, stream, salt, causal_break, programs")
+        unknown = set(w) - WITNESS_KEYS
+        if unknown:
+            raise ValueError(f"witness: unknown key(s) {sorted(unknown)}; known: {sorted(WITNESS_KEYS)}")
+        ks = w.get("instrument_steps", [1, 4, 16])
+        check(ks, List(Int(1, MAX_STEPS), max_len=100), SPEC, "witness.instrument_steps")
+        if not ks:
+            raise ValueError("witness.instrument_steps must name at least one instrument length k >= 1")
+        stream = w.get("stream", "dropout")
+        salt = w.get("salt", 1)
+        brk = w.get("causal_break", "reset_optimizer")
+        programs = w.get("programs", [self.program])
+        check(programs, List(Str(4096, nonempty=True), max_len=100), SPEC, "witness.programs")
+        if not programs or len(set(programs)) != len(programs):
+            raise ValueError("witness.programs must list distinct program references (default: the spec's program)")
+        redraw = {"name": "redraw", "stream": stream, "salt": salt}
+        from_spec(redraw, start=0, window=1)  # the stream and salt are valid
+        brk_spec = dict(parse_spec(brk)) if isinstance(brk, str) else dict(brk) if isinstance(brk, dict) else None
+        if brk_spec is None:
+            raise ValueError("witness.causal_break must be a perturbation spec (default 'reset_optimizer')")
+        if "start" in brk_spec or "starts_after" in brk_spec:
+            raise ValueError("witness.causal_break acts when B begins (k steps after the fork): give it no start")
+        from_spec(brk_spec, start=0, window=1)
+        self.witness = {"instrument_steps": sorted(set(ks)), "stream": stream, "salt": salt,
+                        "causal_break": brk, "programs": list(programs)}
+        taken = {a.name for a in self.arms}
+        for ref in programs:
+            suffix = "" if ref == self.program else f"@{_slug(ref)}"
+            variant = None if ref == self.program else ref
+            if variant is not None:  # every program's forks get their placebo check
+                self.arms.append(Arm(f"placebo{suffix}", ["placebo"], program=variant, generated=True))
+            for k in self.witness["instrument_steps"]:
+                brk_k = {**brk_spec, "starts_after": k}
+                for name, perturb in ((f"redraw_k{k}", [redraw]), (f"break_k{k}", [brk_k]),
+                                      (f"redraw_k{k}+break", [redraw, brk_k])):
+                    name += suffix
+                    if name in taken:
+                        raise ValueError(f"arm name {name!r} is taken by the witness's generated arms; rename yours")
+                    self.arms.append(Arm(name, perturb, window=k, program=variant, generated=True))
+
+    def _pair_arms(self) -> None:
+        """Additivity: for every pair (P, Q), the arm with both perturbations (named 'P+Q')."""
+        eligible = [a for a in self.arms if not (a.is_placebo or a.reference or a.generated)]
+        if self.pairs is None:
+            if self.kind != "additivity":
+                return
+            self.pairs = [[a.name, b.name] for i, a in enumerate(eligible) for b in eligible[i + 1:]
+                          if a.program == b.program and a.window == b.window]
+        if not isinstance(self.pairs, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p) for p in self.pairs):
+            raise ValueError("pairs must be a list of [arm P, arm Q] name pairs")
+        if len(self.pairs) > MAX_ARMS:
+            raise SchemaError(SPEC, "pairs", f"at most {MAX_ARMS} pairs")
+        if self.kind == "additivity" and not self.pairs:
+            raise ValueError("kind = \"additivity\" needs two arms (not the placebo or the reference) with the "
+                             "same program and window, or a `pairs` list")
+        by_name = {a.name: a for a in self.arms}
+        seen = set()
+        for p_name, q_name in self.pairs:
+            for n in (p_name, q_name):
+                if n not in by_name or by_name[n].generated:
+                    raise ValueError(f"pairs: {n!r} is not an arm of this spec")
+                if by_name[n].is_placebo or by_name[n].reference:
+                    raise ValueError(f"pairs: {n!r} is the placebo or the reference (its interaction is known)")
+            p, q = by_name[p_name], by_name[q_name]
+            if p_name == q_name:
+                raise ValueError(f"pairs: [{p_name!r}, {q_name!r}] pairs an arm with itself")
+            if p.program != q.program or p.window != q.window:
+                raise ValueError(f"pairs: {p_name!r} and {q_name!r} need the same program and window")
+            name = f"{p_name}+{q_name}"
+            if name in seen:
+                raise ValueError(f"pairs: [{p_name!r}, {q_name!r}] is listed twice")
+            seen.add(name)
+            if name in by_name:
+                raise ValueError(f"arm name {name!r} is taken: it names the pair's combined arm")
+            self.arms.append(Arm(name, p.perturb + q.perturb, window=p.window, program=p.program, generated=True))
+
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "ExperimentSpec":
         import tomllib
@@ -178,8 +303,12 @@ class ExperimentSpec:
         holders = [(data, "program")] + [(arm, "program") for arm in data.get("arms", []) if isinstance(arm, dict)]
         if isinstance(data.get("probe"), dict):
             holders.append((data["probe"], "source"))
+        witness = data.get("witness")
+        if isinstance(witness, dict) and isinstance(witness.get("programs"), list):
+            witness["programs"] = list(witness["programs"])
+            holders += [(witness["programs"], i) for i in range(len(witness["programs"]))]
         for holder, key in holders:
-            ref = holder.get(key)
+            ref = holder[key] if isinstance(holder, list) else holder.get(key)
             if isinstance(ref, str) and ".py:" in ref and not os.path.isabs(ref):
                 candidate = base / ref.split(":")[0]
                 if candidate.exists():

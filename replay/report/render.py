@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import __version__
 from ..store.atomic import atomic_write_bytes
 from . import plots
+from .memory import memory_sections
 from .model import (View, caveats, checklist_items, fmt, fmt_ci, fmt_p, is_finite, label, lifetime_summary, num,
                     VERDICT_CSS, arm_rows, state_summary, summary, verdict_legend, verdict_summary,
                     verified_ok)
@@ -667,6 +668,31 @@ def _references_html(v: View) -> str:
             + "".join(body) + "</tbody></table></div>")
 
 
+def _memory_html(v: View) -> str:
+    sections = memory_sections(v.r, v.horizon)
+    if not sections:
+        return ""
+    out = ["<h2 id='memory'>Training memory</h2>"]
+    for sec in sections:
+        out.append(f"<h3 id='{E(sec.anchor)}'>{E(sec.title)}</h3><p class='legend'>{E(sec.text)}</p>")
+        for caption, head, rows in sec.tables:
+            out.append(f"<p class='legend'>{E(caption)}</p>")
+            out.append(_plain_table_html(head, rows) if rows else "<p class='warn'>No rows in the results.</p>")
+    return "\n".join(out)
+
+
+def _memory_md(v: View) -> str:
+    sections = memory_sections(v.r, v.horizon)
+    if not sections:
+        return ""
+    out = ["## Training memory"]
+    for sec in sections:
+        out += [f"### {md_cell(sec.title)}", md_cell(sec.text)]
+        for caption, head, rows in sec.tables:
+            out += [f"_{md_cell(caption)}_", _md_table(head, rows) if rows else "_No rows in the results._"]
+    return "\n\n".join(out)
+
+
 def render_html(v: View, decays: list[dict], strip: dict, notes) -> str:
     exp = v.exp
     name = str(exp.get("name") or "replay experiment")
@@ -702,6 +728,7 @@ def render_html(v: View, decays: list[dict], strip: dict, notes) -> str:
 <details><summary>Every horizon, {E(str(v.distance))} (with the BCa interval, secondary)</summary>
 {_plain_table_html(h_header, h_rows)}</details>
 
+{_memory_html(v)}
 <h2 id="decay">Decay curves</h2>
 <p class="legend">{E(DECAY_LEGEND)}</p>
 {decay_html}
@@ -861,6 +888,7 @@ def render_markdown(v: View, decays: list[dict], plots_dir: str, notes) -> str:
         _md_table(d_header, d_rows),
         f"### Every horizon, {md_cell(v.distance)} (with the BCa interval, secondary)",
         _md_table(h_header, h_rows),
+        _memory_md(v),
         "## Decay curves",
         md_cell(DECAY_LEGEND),
         decay_md,
