@@ -411,6 +411,22 @@ def print_estimates(results: dict) -> None:
     print()
 
 
+def print_memory(results: dict) -> None:
+    """The memory analyses (witness, additivity, divergence, calibration) as the report shows them."""
+    from .report.memory import memory_sections
+
+    for section in memory_sections(results, results["experiment"].get("primary_horizon")):
+        print(f"{section.title}:")
+        for caption, head, rows in section.tables:
+            if not rows:
+                continue
+            print(f"  {caption}")
+            widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+            for row in [head] + rows:
+                print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print()
+
+
 def _cmd_experiment(args) -> int:
     from .experiment import Experiment, ExperimentSpec
     from .outputs import check_experiment_out
@@ -428,6 +444,7 @@ def _cmd_experiment(args) -> int:
     results = Experiment(spec, args.out).run(workers=args.workers,
                                                                              progress=not args.no_progress)
     print_estimates(results)
+    print_memory(results)
     print(f"results in {args.out}/results.json; `replay report {args.out}` writes the report")
     return 0
 

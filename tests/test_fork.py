@@ -207,6 +207,7 @@ CASES = {
     "weight_noise": Case(TINY, "weight_noise:std=0.01", changes={"model": _param}),
     "lr_scale": Case(TINY, "lr_scale:factor=0.5", 10),
     "reseed": Case(TINY, "reseed:stream=augment"),
+    "redraw": Case(TINY, "redraw:stream=augment", 3),
 }
 STATE = ("model", "optimizer", "scheduler", "ema")
 
@@ -409,6 +410,7 @@ EFFECTS = {
     "weight_noise": StepT.state_effect,
     "lr_scale": _lr_scale,
     "reseed": _reseed,
+    "redraw": _reseed,  # over its window the same: the parent's batches, other augmentation noise
 }
 assert set(EFFECTS) == set(CASES)
 

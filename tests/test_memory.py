@@ -331,3 +331,14 @@ def test_divergence_exponent_known_rate(divergence_experiment):
     assert abs(comparison["difference"]) < 1e-5
     md = write_report(results, divergence_experiment / "report.html")[1].read_text()
     assert "### Divergence exponent of the chaos baseline" in md and "Early against late" in md
+
+
+def test_witness_printed_and_refused_when_too_short(witness_experiment, tmp_path, capsys):
+    from replay.cli import print_memory
+
+    print_memory(json.loads((witness_experiment / "results.json").read_text()))
+    out = capsys.readouterr().out
+    assert "Back-flow witness:" in out and "Calibration:" in out and "witness D2 − D1" in out
+    spec = _spec(kind="witness", steps=10, witness={"instrument_steps": [4]})  # 6 + 4 + 6 > 10
+    with pytest.raises(ValueError, match="the witness needs 16 steps"):
+        Experiment(spec, tmp_path / "short").run(progress=False)

@@ -5,6 +5,9 @@
                only memory a momentum reset removes is the momentum buffer;
 `momentum_090_large` / `momentum_099_large`: the same at lr / (1 - beta) = 0.5, where the
                gradient feedback of the displaced weights is no longer small;
+`dropout_sgd_00` / `_05` / `_09`: an MLP with dropout 0.2 and plain SGD with momentum 0, 0.5
+               and 0.9 at the same effective step size lr / (1 - mu) = 0.1 (the back-flow witness:
+               its instruments A and A' differ in their dropout masks);
 `probe`        the 297 held-out digits.
 """
 
@@ -47,3 +50,29 @@ def momentum_090_large() -> replay.Program:
 
 def momentum_099_large() -> replay.Program:
     return _sgd(0.99, 0.005, 400)
+
+
+def dropout_mlp():
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                               torch.nn.Linear(128, 10))
+
+
+def _dropout_sgd(momentum: float) -> replay.Program:
+    lr = 0.1 * (1 - momentum)
+    return replay.Program(
+        model=dropout_mlp, dataset=(x_train, y_train), loss=F.cross_entropy,
+        optimizer=lambda m: replay.optim.SGD(m.parameters(), lr=lr, momentum=momentum),
+        batch_size=64, steps=160, checkpoint_every=50,
+        description=f"digits MLP with dropout 0.2, SGD momentum {momentum}, lr {lr:g} (lr / (1 - mu) = 0.1)")
+
+
+def dropout_sgd_00() -> replay.Program:
+    return _dropout_sgd(0.0)
+
+
+def dropout_sgd_05() -> replay.Program:
+    return _dropout_sgd(0.5)
+
+
+def dropout_sgd_09() -> replay.Program:
+    return _dropout_sgd(0.9)

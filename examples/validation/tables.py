@@ -115,9 +115,78 @@ def butterfly_table(r: dict) -> str:
     return table(["delay h", "fork step", f"one-bit flip effect ({d}, 95% t)", "seed floor", "flip / floor"], rows)
 
 
+def witness_table(r: dict, distance: str) -> str:
+    w = r["witness"]
+    rows = []
+    for x in sorted((x for x in w["rows"] if x["distance"] == distance),
+                    key=lambda x: (x["momentum"] if x["momentum"] is not None else -1, x["k"], x["b_steps"])):
+        rows.append([f(x["momentum"], 2), str(x["k"]), str(x["b_steps"]), f(x["d1_mean"]), f(x["d2_mean"]),
+                     f"{f(x['witness'])} {ci(x['interval'])}", f"{f(x['break_witness'])} {ci(x['break_interval'])}",
+                     f"{f(x['attenuation']['mean'])} {ci(x['attenuation']['interval'])}",
+                     f(x["amplification"]), f(x["theory_ratio_coherent"]), f(x["theory_ratio_incoherent"])])
+    return table(["μ", "k", "b", "D1", "D2", f"witness D2 − D1 ({distance}, 95% t)", "with causal break (95% t)",
+                  "attenuation W − W_break (95% t)", "W(k) / W(1)", "(1−μ^k)/(1−μ)", "incoherent"], rows)
+
+
+def additivity_table(r: dict) -> str:
+    h, d = r["experiment"]["primary_horizon"], r["experiment"]["primary_distance"]
+    rows = []
+    for x in r["additivity"]["rows"]:
+        if x["horizon"] != h:
+            continue
+        dd = x["distances"][d]
+        rows.append([" + ".join(x["pair"]), str(x["step"]), f"{f(x['relative'])} {ci(x['relative_interval'])}",
+                     f"{f(x['size'])} {ci(x['size_interval'])}", f(dd["p_mean"]), f(dd["q_mean"]), f(dd["pq_mean"]),
+                     f"{f(dd['ratio'])} {ci(dd['ratio_interval'])}"])
+    return table(["pair", "step", "relative interaction (95% t)", "interaction size, RMS logit (95% t)",
+                  f"{d}: P", f"{d}: Q", f"{d}: P+Q", f"{d}(P+Q) / ({d}(P) + {d}(Q)) (95% t)"], rows)
+
+
+def additivity_curve(r: dict) -> str:
+    rows = []
+    for x in sorted(r["additivity"]["rows"], key=lambda x: (x["pair"], x["horizon"])):
+        rows.append([" + ".join(x["pair"]), str(x["horizon"]), f"{f(x['relative'])} {ci(x['relative_interval'])}"])
+    return table(["pair", "delay h", "relative interaction (95% t)"], rows)
+
+
+def divergence_table(r: dict) -> str:
+    dv = r["divergence"]
+    rows = []
+    for x in sorted(dv["rows"], key=lambda x: (x["distance"], x["fork_step"])):
+        rows.append([x["distance"], str(x["fork_step"]), f"{f(x['exponent'])} {ci(x['interval'])}",
+                     f(x["doubling_time"]), f"{f(x['window'][0])}–{f(x['window'][1])}", str(x["points"]),
+                     f(x["r2"]), x["reason"] or ""])
+    out = table(["distance", "fork step", "λ per step (95% t)", "doubling time, steps", "growth window (delays)",
+                 "points", "R²", "note"], rows)
+    comp = [[c["distance"], f"{c['early']} vs {c['late']}", f"{f(c['difference'])} {ci(c['interval'])}",
+             c["direction"]] for c in dv["comparisons"]]
+    return out + "\n" + table(["distance", "fork steps", "λ early − λ late (95% t)", "direction"], comp)
+
+
+def divergence_curve(r: dict) -> str:
+    dv = r["divergence"]
+    rows_by = {(x["distance"], x["fork_step"]): x for x in dv["rows"]}
+    keys = sorted(rows_by)
+    hs = rows_by[keys[0]]["horizons"]
+    rows = [[str(h)] + [f(rows_by[k]["mean_distance"][i]) for k in keys] for i, h in enumerate(hs)]
+    return table(["delay h"] + [f"{d} (fork {T})" for d, T in keys], rows)
+
+
+def calibration_table(r: dict) -> str:
+    h = r["experiment"]["primary_horizon"]
+    rows = [[x["arm"], str(x["step"]), f(x["ece_parent"]), f(x["ece_child"]),
+             f"{f(x['difference'])} {ci(x['interval'])}"]
+            for x in r["calibration"]["rows"] if x["horizon"] == h]
+    floor = r["noise_floor"].get("ece", {})
+    return table(["arm", "step", "ECE parent", "ECE child", "ECE child − parent (95% t)"], rows) + (
+        f"\nseed floor of |ECE difference| at h = {h}: "
+        + ", ".join(f(m) for hh, m in zip(floor.get("horizons", []), floor.get("mean", [])) if hh == h) + "\n")
+
+
 def main(argv: list[str]) -> int:
     folder = Path(argv[1] if len(argv) > 1 else "validation")
-    found = {name: load(folder, name) for name in ("chaos", "momentum", "momentum_large", "butterfly")}
+    names = ("chaos", "momentum", "momentum_large", "butterfly", "witness", "additivity", "divergence")
+    found = {name: load(folder, name) for name in names}
     found = {k: v for k, v in found.items() if v is not None}
     print("### Placebo\n")
     print(placebo_table(found))
@@ -133,6 +202,20 @@ def main(argv: list[str]) -> int:
     if "butterfly" in found:
         print("### The butterfly effect: early vs late forks\n")
         print(butterfly_table(found["butterfly"]))
+    if "witness" in found:
+        print("### Back-flow witness\n")
+        for d in ("tv", "param_l2"):
+            print(witness_table(found["witness"], d))
+    if "additivity" in found:
+        print("### Additivity\n")
+        print(additivity_table(found["additivity"]))
+        print(additivity_curve(found["additivity"]))
+        print("### Calibration\n")
+        print(calibration_table(found["additivity"]))
+    if "divergence" in found:
+        print("### Divergence exponents\n")
+        print(divergence_table(found["divergence"]))
+        print(divergence_curve(found["divergence"]))
     return 0
 
 

@@ -139,7 +139,8 @@ def witness(experiment, ev, labels) -> dict | None:
     for r in rows:
         base = min((x for x in rows if (x["program"], x["fork_step"], x["b_steps"], x["distance"])
                     == (r["program"], r["fork_step"], r["b_steps"], r["distance"])), key=lambda x: x["k"])
-        if base["witness"] > 0 and math.isfinite(r["witness"]):
+        # Only against a witness shown to be positive: a ratio of rounding noise means nothing.
+        if base["positive"] and math.isfinite(r["witness"]):
             r["amplification"] = r["witness"] / base["witness"]
         if base["theory_coherent"] > 0:
             r["theory_ratio_coherent"] = r["theory_coherent"] / base["theory_coherent"]

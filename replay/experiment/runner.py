@@ -81,6 +81,12 @@ class Experiment:
             bad = [T for T in self.spec.fork_steps if not 0 < T < steps]
             if bad:
                 raise ValueError(f"fork steps {bad} are outside program {key}'s run of {steps} steps")
+            if self.spec.kind == "witness":
+                need = max(self.spec.fork_steps) + max(self.spec.witness["instrument_steps"]) + max(self.spec.horizons)
+                if need > steps:
+                    raise ValueError(f"the witness needs {need} steps of program {key} (last fork step + longest "
+                                     f"instrument + longest common instrument), its run has {steps}: raise `steps` "
+                                     "or shorten them")
 
     def _reusable(self, run_dir: Path) -> bool:
         if not (run_dir / "manifest.json").exists():
