@@ -920,29 +920,37 @@ class LrScale(Perturbation):
 # -------------------------------------------------------------------------- randomness ----
 
 
-@_register
-class Reseed(Perturbation):
-    name = "reseed"
-    summary = "re-seed one named random stream from the fork step on (every other stream unchanged)"
-    params = {"stream": ..., "salt": 1}
+class _OneStream(Perturbation):
+    """A perturbation of one declared random stream (its draws, not the state)."""
 
     def _check_values(self):
         _text(self.name, "stream", self.values["stream"])
         _integer(self.name, "salt", self.values["salt"], low=0, high=SALT_MAX)
 
-
     @property
     def touches(self):
         return (f"rng:{self.values['stream']}",)
 
-    def contract(self, contract):
-        if self.values["stream"] not in contract.streams:
-            raise PerturbationRefused(f"reseed: no stream {self.values['stream']!r} (streams: {list(contract.streams)})")
-        return contract.with_reseed(self.values["stream"], self.start, int(self.values["salt"]))
+    def _reseeded(self, contract, step: int):
+        """The contract with the stream re-seeded from `step` (refused for an undeclared stream)."""
+        stream = self.values["stream"]
+        if stream not in contract.streams:
+            raise PerturbationRefused(f"{self.name}: no stream {stream!r} (streams: {list(contract.streams)})")
+        return contract.with_reseed(stream, step, int(self.values["salt"]))
 
 
 @_register
-class Redraw(Perturbation):
+class Reseed(_OneStream):
+    name = "reseed"
+    summary = "re-seed one named random stream from the fork step on (every other stream unchanged)"
+    params = {"stream": ..., "salt": 1}
+
+    def contract(self, contract):
+        return self._reseeded(contract, self.start)
+
+
+@_register
+class Redraw(_OneStream):
     """Different draws of one random stream over the window only (the back-flow witness's
     instrument A': the same batches, other dropout or augmentation draws); after the window the
     stream draws what the parent drew. `reseed` changes a stream for good."""
@@ -952,27 +960,22 @@ class Redraw(Perturbation):
     params = {"stream": "dropout", "salt": 1}
 
     def _check_values(self):
-        _text(self.name, "stream", self.values["stream"])
-        _integer(self.name, "salt", self.values["salt"], low=0, high=SALT_MAX)
+        super()._check_values()
         if self.values["stream"] in ("init", "order"):
             raise ValueError(f"redraw: stream {self.values['stream']!r} is not drawn per step (init builds the "
                              "model, order is the data order: use swap_windows or shuffle_window)")
 
-    @property
-    def touches(self):
-        return (f"rng:{self.values['stream']}",)
-
     def contract(self, contract):
-        if self.values["stream"] not in contract.streams:
-            raise PerturbationRefused(f"redraw: no stream {self.values['stream']!r} (streams: {list(contract.streams)})")
-        try:  # a salt an earlier re-seed of this stream still uses would repeat its draws
-            contract.with_reseed(self.values["stream"], self.start, int(self.values["salt"]))
+        try:  # checked once here: a salt an earlier re-seed of this stream still uses would repeat its draws
+            self._reseeded(contract, self.start)
+        except PerturbationRefused:
+            raise
         except ValueError as error:
             raise PerturbationRefused(f"redraw: {error}") from None
-        return contract
+        return contract  # the contract is the parent's outside the window
 
     def step_contract(self, contract, step):
-        return contract.with_reseed(self.values["stream"], step, int(self.values["salt"]))
+        return self._reseeded(contract, step)
 
 
 # ------------------------------------------------------------------------------ specs ----

@@ -225,7 +225,7 @@ bootstrap_resamples = 200
 instrument_steps = [1, 2]
 programs = ["memory_synthetic.py:drift_mu09", "memory_synthetic.py:drift_mu0"]
 """)
-    assert cli(["experiment", str(spec_path), "--out", str(out / "exp")]) == 0
+    assert cli(["experiment", str(spec_path), "--out", str(out / "exp"), "--no-progress"]) == 0
     return out / "exp"
 
 
@@ -342,3 +342,20 @@ def test_witness_printed_and_refused_when_too_short(witness_experiment, tmp_path
     spec = _spec(kind="witness", steps=10, witness={"instrument_steps": [4]})  # 6 + 4 + 6 > 10
     with pytest.raises(ValueError, match="the witness needs 16 steps"):
         Experiment(spec, tmp_path / "short").run(progress=False)
+
+
+def test_report_survives_malformed_memory_sections(witness_experiment):
+    """results.json is untrusted: wrong types in the memory sections show as n/a, never a crash."""
+    from replay.report.model import View
+    from replay.report.render import _memory_html, _memory_md
+
+    results = json.loads((witness_experiment / "results.json").read_text())
+    bad_rows = [{"distance": [1], "interval": "x", "attenuation": 3, "pair": "pq", "window": {}, "k": "k",
+                 "distances": {"tv": 5}, "witness": {}}, "not a row", 7]
+    for name in ("witness", "additivity", "divergence", "calibration"):
+        for section in ({"rows": bad_rows, "primary_distance": ["tv"], "comparisons": [{"difference": "x"}, 1]},
+                        {"rows": "x"}, [], "x", None):
+            view = View({**results, name: section})
+            html, md = _memory_html(view), _memory_md(view)
+            if isinstance(section, dict):
+                assert "Training memory" in html and "## Training memory" in md

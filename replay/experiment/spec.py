@@ -7,8 +7,9 @@ An experiment has a kind (KINDS): "effects" (the default: each arm's effect agai
 floor and the chaos baseline), "witness" (the back-flow witness: its arms are generated from
 the `witness` table), "additivity" (pairs of arms and each pair together: `pairs`, default every
 pair), "divergence" (how fast a one-bit flip diverges: the reference arm at every fork step) and
-"calibration" (the ECE difference leads). Every kind runs on the same machinery; the kind adds
-arms and says which analyses the results and the report lead with (replay.experiment.memory).
+"calibration" (requires the ECE difference among the distances). Every kind runs on the same
+machinery; a kind adds the arms its analysis needs (replay.experiment.memory), and each analysis
+runs wherever its inputs exist (pairs, a reference with 3+ horizons, 'ece').
 Generated arms carry `generated = true` and are made again, never read back, from a spec's JSON.
 """
 

@@ -39,7 +39,7 @@ def witness_section(results: dict) -> Section | None:
     if not isinstance(w, dict):
         return None
     rows = _rows(w)
-    primary = w.get("primary_distance")
+    primary = _s(w.get("primary_distance"))
     text = (f"{_s(w.get('definition'))} A' redraws the '{_s(w.get('stream'))}' stream; the causal break is "
             f"'{_s(w.get('causal_break'))}'. A witness above 0 (its interval too) certifies memory carried past the "
             f"instruments; the break should attenuate it if that memory is optimizer state. {_s(w.get('theory'))}")
@@ -80,7 +80,7 @@ def additivity_section(results: dict, horizon) -> Section | None:
     rows = _rows(a)
     if any(num(r.get("horizon")) == num(horizon) for r in rows):  # every horizon is in results.json
         rows = [r for r in rows if num(r.get("horizon")) == num(horizon)]
-    primary = a.get("primary_distance")
+    primary = _s(a.get("primary_distance"))
     header = ["P", "Q", "program", "fork step", "h", "relative interaction [95% t]", "interaction size (RMS logit)",
               f"{_s(primary)}: P", f"{_s(primary)}: Q", f"{_s(primary)}: P+Q", f"{_s(primary)}: ratio to sum [95% t]"]
     table = []
