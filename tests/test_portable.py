@@ -192,3 +192,65 @@ def test_the_callers_flush_mode_is_restored():
     finally:
         torch.set_flush_denormal(False)
     assert torch.equal(flushed, torch.zeros(4))
+
+
+# --------------------------------------------------------------- canonical NaN (issue 10) ----
+#
+# The portable kernels store one NaN, 0x7FFFFFFF (what an NVIDIA GPU's arithmetic writes). x86
+# writes 0xFFC00000 for an invalid operation and passes an input NaN's payload through, so before
+# this an inf or NaN gradient left NaN bits (and fingerprints) that depended on the device and on
+# which NaN came in.
+
+CANONICAL_NAN = 0x7FFFFFFF
+NAN_BITS = (0x7FC00000, 0xFFC00000, 0x7FC12345, 0xFFFFFFFF, 0x7F800001)  # incl. negative, payload, signaling
+
+
+def _poisoned(n: int, generator, nan_bits: int) -> torch.Tensor:
+    """A gradient with infinities of both signs and NaNs of the given bit pattern."""
+    g = torch.randn(n, generator=generator)
+    g[::7] = float("inf")
+    g[3::7] = -float("inf")
+    g.view(torch.int32)[5::11] = int(np.array([nan_bits], dtype=np.uint32).view(np.int32)[0])
+    return g
+
+
+def _nan_run(kind: str, n: int, nan_bits: int, numerics: str = "portable"):
+    generator = torch.Generator().manual_seed(3)
+    if kind == "EMA":
+        model = torch.nn.Linear(n, 1, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(1, n, generator=generator))
+        ema = replay.EMA(model, 0.9)
+        with torch.no_grad():
+            model.weight.copy_(_poisoned(n, generator, nan_bits).view(1, n))
+        ema.update()
+        return [t.detach().clone() for t in ema.state_dict().values()
+                if isinstance(t, torch.Tensor) and t.is_floating_point()], []
+    p = torch.randn(n, generator=generator).requires_grad_()
+    options = {"SGD": dict(momentum=0.9), "SGD0": dict(), "Adam": dict(), "AMSGrad": dict(amsgrad=True),
+               "AdamW": dict(weight_decay=0.01)}[kind]
+    cls = replay.optim.SGD if kind.startswith("SGD") else replay.optim.AdamW if kind == "AdamW" else replay.optim.Adam
+    opt = cls([p], lr=1e-2, numerics=numerics, **options)
+    for _ in range(2):
+        p.grad = _poisoned(n, generator, nan_bits)
+        opt.step()
+    tensors = [p.detach().clone()] + [v.clone() for v in opt.state[p].values() if v.dim() > 0]
+    return tensors, opt.fingerprints
+
+
+@pytest.mark.parametrize("n", [1000, 200_003], ids=["serial", "parallel"])
+@pytest.mark.parametrize("kind", ["SGD", "SGD0", "Adam", "AMSGrad", "AdamW", "EMA"])
+def test_portable_kernels_store_one_nan(kind, n):
+    runs = [_nan_run(kind, n, bits) for bits in NAN_BITS]
+    tensors, fingerprints = runs[0]
+    nans = 0
+    for t in tensors:
+        bits = t.view(torch.int32)
+        is_nan = torch.isnan(t)
+        nans += int(is_nan.sum())
+        assert torch.equal(bits[is_nan], torch.full_like(bits[is_nan], CANONICAL_NAN))
+    assert nans > 0  # the poisoned inputs did make NaNs
+    for other, other_fps in runs[1:]:  # whichever NaN came in, the same bits and fingerprints
+        for a, b in zip(tensors, other):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+        assert other_fps == fingerprints

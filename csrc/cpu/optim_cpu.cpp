@@ -39,7 +39,9 @@ struct SgdRange {
   uint64_t* sums;  // [2]: param, buffer
 };
 
-template <bool kFused, bool kHash>
+// kCanonicalNan: portable numerics store one NaN (kernels::canonical_nan), torch numerics
+// whatever torch's arithmetic leaves.
+template <bool kFused, bool kCanonicalNan, bool kHash>
 REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdScalars& scalars) {
   // A local copy, as in adam_range_typed; has_momentum is fixed per loop below so that the
   // branch on it folds away.
@@ -52,6 +54,10 @@ REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdS
     for (int64_t i = r.begin; i < r.end; ++i) {
       float p = r.param[i], b = r.buffer[i];
       kernels::sgd_element<kFused>(p, r.grad[i], b, r.first_step_mask, s);
+      if (kCanonicalNan) {
+        p = kernels::canonical_nan(p);
+        b = kernels::canonical_nan(b);
+      }
       r.param[i] = p;
       r.buffer[i] = b;
       if (kHash) {
@@ -66,6 +72,7 @@ REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdS
     for (int64_t i = r.begin; i < r.end; ++i) {
       float p = r.param[i];
       kernels::sgd_element<kFused>(p, r.grad[i], unused, 0u, s);
+      if (kCanonicalNan) p = kernels::canonical_nan(p);
       r.param[i] = p;
       if (kHash) {
         fp_param += float_term_at(p, ig);
@@ -77,17 +84,20 @@ REPLAY_ALWAYS_INLINE void sgd_range_typed(const SgdRange& r, const kernels::SgdS
   r.sums[1] = fp_buffer;
 }
 
-REPLAY_ALWAYS_INLINE void sgd_range_impl(const SgdRange& r, const kernels::SgdScalars& s, bool fused,
-                                         bool hash) {
-  if (fused) {
-    hash ? sgd_range_typed<true, true>(r, s) : sgd_range_typed<true, false>(r, s);
-  } else {
-    hash ? sgd_range_typed<false, true>(r, s) : sgd_range_typed<false, false>(r, s);
+REPLAY_ALWAYS_INLINE void sgd_range_impl(const SgdRange& r, const kernels::SgdScalars& s,
+                                         Numerics numerics, bool hash) {
+  switch (numerics) {
+    case Numerics::kPortable:
+      return hash ? sgd_range_typed<true, true, true>(r, s) : sgd_range_typed<true, true, false>(r, s);
+    case Numerics::kTorchFma:
+      return hash ? sgd_range_typed<true, false, true>(r, s) : sgd_range_typed<true, false, false>(r, s);
+    case Numerics::kTorchNoFma:
+      return hash ? sgd_range_typed<false, false, true>(r, s) : sgd_range_typed<false, false, false>(r, s);
   }
 }
 REPLAY_CPU_MULTIVERSION(sgd_range,
-                        (const SgdRange& r, const kernels::SgdScalars& s, bool fused, bool hash),
-                        (r, s, fused, hash))
+                        (const SgdRange& r, const kernels::SgdScalars& s, Numerics numerics, bool hash),
+                        (r, s, numerics, hash))
 
 // --------------------------------------------------------------------------------- Adam ----
 
@@ -123,7 +133,7 @@ REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::Ad
     ig += kFingerprintGolden;
   };
   if constexpr (!kTorchSqrt) {
-    // Portable numerics: one loop, IEEE sqrt in line (vsqrtps).
+    // Portable numerics: one loop, IEEE sqrt in line (vsqrtps), one NaN stored.
     float* __restrict__ p = r.param;
     const float* __restrict__ g = r.grad;
     float* __restrict__ m = r.exp_avg;
@@ -132,8 +142,11 @@ REPLAY_ALWAYS_INLINE void adam_range_typed(const AdamRange& r, const kernels::Ad
     for (int64_t i = r.begin; i < r.end; ++i) {
       float pi = p[i], mi = m[i], vi = v[i], vmaxi = kAmsgrad ? vmax[i] : 0.0f;
       const float radicand = kernels::adam_moments<kFused>(pi, g[i], mi, vi, vmaxi, s);
-      pi = kernels::adam_param(pi, mi, std::sqrt(radicand), neg_step_size, bias_correction2_sqrt,
-                               s.eps);
+      pi = kernels::canonical_nan(kernels::adam_param(pi, mi, std::sqrt(radicand), neg_step_size,
+                                                      bias_correction2_sqrt, s.eps));
+      mi = kernels::canonical_nan(mi);
+      vi = kernels::canonical_nan(vi);
+      if (kAmsgrad) vmaxi = kernels::canonical_nan(vmaxi);
       p[i] = pi;
       m[i] = mi;
       v[i] = vi;
@@ -207,7 +220,7 @@ REPLAY_ALWAYS_INLINE void ema_range_impl(float* average, const float* source,
   uint64_t fp = 0;
   uint64_t ig = static_cast<uint64_t>(begin) * kFingerprintGolden;  // i * GOLDEN, carried
   for (int64_t i = begin; i < end; ++i) {
-    const float a = kernels::ema_element(average[i], source[i], w);
+    const float a = kernels::canonical_nan(kernels::ema_element(average[i], source[i], w));
     average[i] = a;
     if (hash) fp += float_term_at(a, ig);
     ig += kFingerprintGolden;
@@ -270,7 +283,6 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   const kernels::SgdScalars s = kernels::make_sgd_scalars(weight_decay, momentum,
                                                           one_minus_dampening, neg_lr, nesterov,
                                                           maximize);
-  const bool fused = mode != Numerics::kTorchNoFma;
   const int64_t n = static_cast<int64_t>(params.size());
   FingerprintTotals totals(n, 2);
   parallel_units(make_units(numels_of(params)), [&](const WorkUnit& u) {
@@ -279,7 +291,7 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
     SgdRange r{params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
                has_momentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
                kernels::mask_of(has_momentum && first_step[t] != 0), u.begin, u.end, sums};
-    sgd_range(r, s, fused, fingerprint);
+    sgd_range(r, s, mode, fingerprint);
     totals.add(u.tensor, 0, sums[0]);
     totals.add(u.tensor, 1, sums[1]);
   }, /*ieee_subnormals=*/mode == Numerics::kPortable);  // torch numerics: as torch computes

@@ -168,7 +168,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // ---------------------------------------------------------------------------------- SGD ----
 
-template <bool kMomentum>
+// kHash: fingerprint what is written (sums not null); without it the kernels only step.
+template <bool kMomentum, bool kHash>
 __global__ void __launch_bounds__(kBlockThreads)
     sgd_step_kernel(SgdMeta meta, kernels::SgdScalars scalars, unsigned long long* sums) {
   constexpr int kSlots = kMomentum ? 2 : 1;
@@ -182,19 +183,21 @@ __global__ void __launch_bounds__(kBlockThreads)
     float p = param[i];
     float b = kMomentum ? buffer[i] : 0.0f;
     kernels::sgd_element<true>(p, grad[i], b, first_step_mask, scalars);
+    p = kernels::canonical_nan(p);  // the GPU's own NaN already; explicit, as on the CPU
+    b = kernels::canonical_nan(b);
     param[i] = p;
-    partial[0] += float_term(p, static_cast<uint64_t>(i));
+    if (kHash) partial[0] += float_term(p, static_cast<uint64_t>(i));
     if (kMomentum) {
       buffer[i] = b;
-      partial[kSlots - 1] += float_term(b, static_cast<uint64_t>(i));
+      if (kHash) partial[kSlots - 1] += float_term(b, static_cast<uint64_t>(i));
     }
   }
-  block_add_sums<kSlots>(partial, sums, meta.row[c.slot]);
+  if (kHash) block_add_sums<kSlots>(partial, sums, meta.row[c.slot]);
 }
 
 // --------------------------------------------------------------------------------- Adam ----
 
-template <bool kAmsgrad>
+template <bool kAmsgrad, bool kHash>
 __global__ void __launch_bounds__(kBlockThreads)
     adam_step_kernel(AdamMeta meta, kernels::AdamScalars scalars, unsigned long long* sums) {
   constexpr int kSlots = kAmsgrad ? 4 : 3;
@@ -213,25 +216,29 @@ __global__ void __launch_bounds__(kBlockThreads)
     // Correctly rounded square root (sqrt.rn.f32), as the CPU's std::sqrt. It is what sqrtf
     // compiles to under -prec-sqrt=true; the intrinsic keeps it so under any flags.
     const float root = __fsqrt_rn(radicand);
-    p = kernels::adam_param(p, m, root, step.neg_step_size, step.bias_correction2_sqrt,
-                            scalars.eps);
+    p = kernels::canonical_nan(kernels::adam_param(p, m, root, step.neg_step_size,
+                                                   step.bias_correction2_sqrt, scalars.eps));
+    m = kernels::canonical_nan(m);
+    v = kernels::canonical_nan(v);
+    if (kAmsgrad) vmax = kernels::canonical_nan(vmax);
     param[i] = p;
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
-    const uint64_t index = static_cast<uint64_t>(i);
-    partial[0] += float_term(p, index);
-    partial[1] += float_term(m, index);
-    partial[2] += float_term(v, index);
-    if (kAmsgrad) {
-      max_exp_avg_sq[i] = vmax;
-      partial[kSlots - 1] += float_term(vmax, index);
+    if (kAmsgrad) max_exp_avg_sq[i] = vmax;
+    if (kHash) {
+      const uint64_t index = static_cast<uint64_t>(i);
+      partial[0] += float_term(p, index);
+      partial[1] += float_term(m, index);
+      partial[2] += float_term(v, index);
+      if (kAmsgrad) partial[kSlots - 1] += float_term(vmax, index);
     }
   }
-  block_add_sums<kSlots>(partial, sums, meta.row[c.slot]);
+  if (kHash) block_add_sums<kSlots>(partial, sums, meta.row[c.slot]);
 }
 
 // ---------------------------------------------------------------------------------- EMA ----
 
+template <bool kHash>
 __global__ void __launch_bounds__(kBlockThreads)
     ema_update_kernel(EmaMeta meta, kernels::LerpWeight weight, unsigned long long* sums) {
   const Chunk c = this_block_chunk(meta);
@@ -239,11 +246,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   const float* source = static_cast<const float*>(meta.ptrs[1][c.slot]);
   uint64_t partial[1] = {0};
   for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kBlockThreads) {
-    const float a = kernels::ema_element(average[i], source[i], weight);
+    const float a = kernels::canonical_nan(kernels::ema_element(average[i], source[i], weight));
     average[i] = a;
-    partial[0] += float_term(a, static_cast<uint64_t>(i));
+    if (kHash) partial[0] += float_term(a, static_cast<uint64_t>(i));
   }
-  block_add_sums<1>(partial, sums, meta.row[c.slot]);
+  if (kHash) block_add_sums<1>(partial, sums, meta.row[c.slot]);
 }
 
 // ------------------------------------------------------------------- bandwidth yardstick ----
@@ -333,6 +340,7 @@ cudaError_t launch_fingerprint_sums(int64_t count, const void* const* data, cons
 cudaError_t launch_sgd_step(const SgdTensors& tensors, const kernels::SgdScalars& scalars,
                             unsigned long long* sums, cudaStream_t stream) {
   const bool momentum = scalars.has_momentum;
+  const bool hash = sums != nullptr;
   return for_each_batch<SgdMeta>(
       tensors.count, tensors.numels,
       [&](SgdMeta& meta, int slot, int64_t t) {
@@ -342,10 +350,14 @@ cudaError_t launch_sgd_step(const SgdTensors& tensors, const kernels::SgdScalars
         meta.extra[slot].first_step_mask = kernels::mask_of(momentum && tensors.first_step[t]);
       },
       [&](const SgdMeta& meta, int blocks) {
-        if (momentum) {
-          sgd_step_kernel<true><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
+        if (momentum && hash) {
+          sgd_step_kernel<true, true><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
+        } else if (momentum) {
+          sgd_step_kernel<true, false><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
+        } else if (hash) {
+          sgd_step_kernel<false, true><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
         } else {
-          sgd_step_kernel<false><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
+          sgd_step_kernel<false, false><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
         }
       });
 }
@@ -353,6 +365,7 @@ cudaError_t launch_sgd_step(const SgdTensors& tensors, const kernels::SgdScalars
 cudaError_t launch_adam_step(const AdamTensors& tensors, const kernels::AdamScalars& scalars,
                              unsigned long long* sums, cudaStream_t stream) {
   const bool amsgrad = scalars.amsgrad_mask != 0;
+  const bool hash = sums != nullptr;
   return for_each_batch<AdamMeta>(
       tensors.count, tensors.numels,
       [&](AdamMeta& meta, int slot, int64_t t) {
@@ -364,10 +377,14 @@ cudaError_t launch_adam_step(const AdamTensors& tensors, const kernels::AdamScal
         meta.extra[slot] = {tensors.neg_step_sizes[t], tensors.bias_correction2_sqrts[t]};
       },
       [&](const AdamMeta& meta, int blocks) {
-        if (amsgrad) {
-          adam_step_kernel<true><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
+        if (amsgrad && hash) {
+          adam_step_kernel<true, true><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
+        } else if (amsgrad) {
+          adam_step_kernel<true, false><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
+        } else if (hash) {
+          adam_step_kernel<false, true><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
         } else {
-          adam_step_kernel<false><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
+          adam_step_kernel<false, false><<<blocks, kBlockThreads, 0, stream>>>(meta, scalars, sums);
         }
       });
 }
@@ -376,6 +393,7 @@ cudaError_t launch_ema_update(int64_t count, const int64_t* numels, float* const
                               const float* const* sources, float weight, unsigned long long* sums,
                               cudaStream_t stream) {
   const kernels::LerpWeight lerp_weight = kernels::make_lerp_weight(weight);
+  const bool hash = sums != nullptr;
   return for_each_batch<EmaMeta>(
       count, numels,
       [&](EmaMeta& meta, int slot, int64_t t) {
@@ -383,7 +401,11 @@ cudaError_t launch_ema_update(int64_t count, const int64_t* numels, float* const
         meta.ptrs[1][slot] = const_cast<float*>(sources[t]);
       },
       [&](const EmaMeta& meta, int blocks) {
-        ema_update_kernel<<<blocks, kBlockThreads, 0, stream>>>(meta, lerp_weight, sums);
+        if (hash) {
+          ema_update_kernel<true><<<blocks, kBlockThreads, 0, stream>>>(meta, lerp_weight, sums);
+        } else {
+          ema_update_kernel<false><<<blocks, kBlockThreads, 0, stream>>>(meta, lerp_weight, sums);
+        }
       });
 }
 

@@ -9,7 +9,8 @@
 // Fingerprint outputs are device arrays of wrapping 64-bit sums laid out as [count, slots]
 // (row = tensor's position in the lists, column = which tensor of that row was written). They
 // must be zeroed before the call: kernels only add to them, with atomics, which is exact and
-// order-independent for integer sums (csrc/kernels/fingerprint.h).
+// order-independent for integer sums (csrc/kernels/fingerprint.h). The step launchers take
+// sums == nullptr for fingerprint=false: their kernels then skip the hashing altogether.
 #pragma once
 
 #include <cuda_runtime.h>

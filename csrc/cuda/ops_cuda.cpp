@@ -102,10 +102,13 @@ at::Tensor fingerprint_sums_cuda(at::TensorList tensors) {
   return sums;
 }
 
-// fingerprint=false: the [n, 0] result the schema promises. The CUDA kernels hash anyway (the
-// memory traffic, not the arithmetic, bounds them); only the CPU kernels skip the work.
-at::Tensor without_sums_unless(bool fingerprint, const at::Tensor& sums) {
-  return fingerprint ? sums : sums.narrow(1, 0, 0);
+// The zeroed [n, slots] sums of a step, or with fingerprint=false the [n, 0] result the schema
+// promises; step_sum_words gives the kernels nullptr then, and they skip the hashing.
+at::Tensor step_sums(bool fingerprint, int64_t n, int64_t slots, const c10::Device& device) {
+  return zero_sums({n, fingerprint ? slots : 0}, device);
+}
+unsigned long long* step_sum_words(bool fingerprint, const at::Tensor& sums) {
+  return fingerprint ? sum_words(sums) : nullptr;
 }
 
 at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads,
@@ -127,7 +130,7 @@ at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads,
       weight_decay, momentum, one_minus_dampening, neg_lr, nesterov, maximize);
   const c10::cuda::CUDAGuard guard(device);
   const int64_t n = static_cast<int64_t>(params.size());
-  at::Tensor sums = zero_sums({n, has_momentum ? 2 : 1}, device);
+  at::Tensor sums = step_sums(fingerprint, n, has_momentum ? 2 : 1, device);
   const std::vector<int64_t> numels = numels_of(params);
   const std::vector<float*> param_ptrs = float_ptrs(params);
   const std::vector<const float*> grad_ptrs = const_float_ptrs(grads);
@@ -137,9 +140,9 @@ at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads,
   for (size_t t = 0; t < params.size(); ++t) first[t] = has_momentum && first_step[t] != 0;
   const SgdTensors tensors{n, numels.data(), param_ptrs.data(), grad_ptrs.data(),
                            has_momentum ? buffer_ptrs.data() : nullptr, first.get()};
-  C10_CUDA_CHECK(launch_sgd_step(tensors, scalars, sum_words(sums),
+  C10_CUDA_CHECK(launch_sgd_step(tensors, scalars, step_sum_words(fingerprint, sums),
                                  current_stream()));
-  return without_sums_unless(fingerprint, sums);
+  return sums;
 }
 
 at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -172,7 +175,7 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   }
   const c10::cuda::CUDAGuard guard(device);
   const int64_t n = static_cast<int64_t>(params.size());
-  at::Tensor sums = zero_sums({n, amsgrad ? 4 : 3}, device);
+  at::Tensor sums = step_sums(fingerprint, n, amsgrad ? 4 : 3, device);
   const std::vector<int64_t> numels = numels_of(params);
   const std::vector<float*> param_ptrs = float_ptrs(params);
   const std::vector<const float*> grad_ptrs = const_float_ptrs(grads);
@@ -188,9 +191,9 @@ at::Tensor adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                             amsgrad ? max_ptrs.data() : nullptr,
                             step_sizes.data(),
                             bc2_sqrts.data()};
-  C10_CUDA_CHECK(launch_adam_step(tensors, scalars, sum_words(sums),
+  C10_CUDA_CHECK(launch_adam_step(tensors, scalars, step_sum_words(fingerprint, sums),
                                   current_stream()));
-  return without_sums_unless(fingerprint, sums);
+  return sums;
 }
 
 at::Tensor ema_update_cuda(at::TensorList averages, at::TensorList sources, double weight,
@@ -205,14 +208,14 @@ at::Tensor ema_update_cuda(at::TensorList averages, at::TensorList sources, doub
 
   const c10::cuda::CUDAGuard guard(device);
   const int64_t n = static_cast<int64_t>(averages.size());
-  at::Tensor sums = zero_sums({n, 1}, device);
+  at::Tensor sums = step_sums(fingerprint, n, 1, device);
   const std::vector<int64_t> numels = numels_of(averages);
   const std::vector<float*> average_ptrs = float_ptrs(averages);
   const std::vector<const float*> source_ptrs = const_float_ptrs(sources);
   C10_CUDA_CHECK(launch_ema_update(n, numels.data(), average_ptrs.data(), source_ptrs.data(),
-                                   static_cast<float>(weight), sum_words(sums),
+                                   static_cast<float>(weight), step_sum_words(fingerprint, sums),
                                    current_stream()));
-  return without_sums_unless(fingerprint, sums);
+  return sums;
 }
 
 void bandwidth_yardstick_cuda(at::TensorList params, at::TensorList grads,

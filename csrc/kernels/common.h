@@ -91,6 +91,16 @@ REPLAY_HD float lerp(float start, float end, const LerpWeight& w) {
   return madd<kFused>(w.coeff, end - start, select_by_mask(w.from_start_mask, start, end));
 }
 
+// The one NaN the portable kernels store: 0x7FFFFFFF, the NaN an NVIDIA GPU's arithmetic
+// produces. x86 writes 0xFFC00000 for an invalid operation (inf - inf, 0 * inf) and passes an
+// input NaN's payload through, so without this a NaN's bits, and every fingerprint that hashes
+// them, depended on the device and on which NaN came in. Applied to every stored value.
+constexpr uint32_t kCanonicalNanBits = 0x7FFFFFFFu;
+
+REPLAY_HD float canonical_nan(float x) {
+  return select_by_mask(mask_of(x != x), float_of(kCanonicalNanBits), x);
+}
+
 // torch.maximum semantics: NaN in either input propagates.
 REPLAY_HD float maximum_propagate_nan(float a, float b) {
   const bool a_nan = a != a;
