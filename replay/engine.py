@@ -67,16 +67,29 @@ def nested_fingerprints(state) -> dict[str, int]:
 
 
 def default_step(ctx: StepContext):
-    """Forward, loss, backward, optimizer step, EMA update."""
-    inputs, target = ctx.batch
+    """Forward, loss, backward (per micro-batch with Program.accumulate), gradient clipping
+    (with Program.clip_grad_norm), optimizer step, EMA update."""
     ctx.model.train()
     ctx.optimizer.zero_grad(set_to_none=True)
-    loss = ctx.program.loss(ctx.model(inputs), target)
-    loss.backward()
+    if ctx.program.accumulate == 1:
+        inputs, target = ctx.batch
+        loss = ctx.program.loss(ctx.model(inputs), target)
+        loss.backward()
+    else:  # micro-batches in order; each loss weighted by its share, so the gradient is the batch's
+        loss = 0.0
+        for ids, (inputs, target) in ctx.micro_batches():
+            part = ctx.program.loss(ctx.model(inputs), target) * (len(ids) / len(ctx.ids))
+            part.backward()
+            loss = loss + part.detach()
+    metrics = {"loss": loss}
+    if ctx.program.clip_grad_norm is not None:
+        from .clipping import clip_grad_norm_
+
+        metrics["grad_norm"] = clip_grad_norm_(ctx.model.parameters(), ctx.program.clip_grad_norm)
     ctx.optimizer.step()
     if ctx.ema is not None:
         ctx.ema.update()
-    return {"loss": loss}
+    return metrics
 
 
 def _as_float(value) -> float:

@@ -56,6 +56,21 @@ class StepContext:
     generators: Mapping[str, torch.Generator]
     program: "Program"
 
+    def micro_batches(self) -> list[tuple[list[int], Any]]:
+        """The step's examples cut into Program.accumulate micro-batches, in order: contiguous
+        runs of `ids` whose sizes differ by at most one (the first ones larger; fewer parts when
+        the step has fewer examples), each as (ids, batch). The split is a function of the ids
+        the ledger records and of `accumulate`, so a replay cuts the same micro-batches."""
+        parts = max(1, min(self.program.accumulate, len(self.ids)))
+        size, extra = divmod(len(self.ids), parts)
+        out, start = [], 0
+        for i in range(parts):
+            end = start + size + (1 if i < extra else 0)
+            ids = self.ids[start:end]
+            out.append((ids, self.program.make_batch(ids)))
+            start = end
+        return out
+
 
 def _default_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     from . import optim
@@ -79,6 +94,14 @@ class Program:
                 step instead of inside the kernel).
     scheduler:  (optimizer) -> LR scheduler, stepped by the engine after every step.
     ema_decay:  keep a replay.EMA of the model (an EMA teacher) with this decay.
+    accumulate: the default step runs the step's batch as this many micro-batches (forward and
+                backward each, the loss of each weighted by its share of the examples, so the
+                gradient is the whole batch's), then one optimizer step; ctx.micro_batches()
+                gives a custom step the same split.
+    clip_grad_norm: the default step clips the gradients to this total L2 norm before the
+                optimizer step (replay.clipping: a norm that is the same for any thread count)
+                and records the norm before clipping as the step's "grad_norm" metric. A custom
+                step calls replay.clipping.clip_grad_norm_ itself.
     components: (model) -> {name: Stateful}, extra state that is checkpointed and fingerprinted.
     order:      data-order policy name or spec ("reshuffle", "with_replacement", "shuffle_once",
                 "sequential", {"name": "curriculum", "scores": [...]}).
@@ -95,6 +118,8 @@ class Program:
     optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] = _default_optimizer
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
     ema_decay: float | None = None
+    clip_grad_norm: float | None = None
+    accumulate: int = 1
     components: Callable[[torch.nn.Module], Mapping[str, Stateful]] | None = None
     batch_size: int = 32
     steps: int = 100
@@ -112,7 +137,7 @@ class Program:
             raise TypeError("Program.model must be a zero-argument factory returning an nn.Module")
         if self.step is None and self.loss is None:
             raise ValueError("Program needs a loss (for the default step) or a step function")
-        for name in ("batch_size", "steps", "checkpoint_every"):
+        for name in ("batch_size", "steps", "checkpoint_every", "accumulate"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Program.{name} must be a positive int, got {value!r}")
@@ -122,6 +147,17 @@ class Program:
             isinstance(self.ema_decay, (int, float)) and math.isfinite(self.ema_decay) and 0 <= self.ema_decay <= 1
         ):
             raise ValueError(f"Program.ema_decay must be in [0, 1], got {self.ema_decay!r}")
+        if self.clip_grad_norm is not None and not (
+            isinstance(self.clip_grad_norm, (int, float)) and not isinstance(self.clip_grad_norm, bool)
+            and math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0
+        ):
+            raise ValueError(f"Program.clip_grad_norm must be a positive finite number, got {self.clip_grad_norm!r}")
+        if self.accumulate > self.batch_size:
+            raise ValueError(f"Program.accumulate ({self.accumulate}) cannot exceed batch_size ({self.batch_size}): "
+                             "a micro-batch needs at least one example")
+        if self.clip_grad_norm is not None and self.step is not None:
+            raise ValueError("Program.clip_grad_norm applies to the default step; a custom step calls "
+                             "replay.clipping.clip_grad_norm_(ctx.model.parameters(), max_norm) itself")
         if isinstance(self.dataset, tuple):
             sizes = {len(t) for t in self.dataset}
             if len(sizes) != 1:
