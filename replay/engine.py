@@ -12,13 +12,10 @@ what lets any stretch be replayed from a checkpoint.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .ema import EMA
@@ -26,7 +23,7 @@ from .fingerprinting import combine_state, fingerprints
 from .optim._common import FusedOptimizerMixin, state_indices
 from .order import make_policy
 from .program import Program, StepContext
-from .rng import BUILTIN_STREAMS, RngContract
+from .rng import BUILTIN_STREAMS, RngContract, seed_all_globals
 from .store.encode import flatten_state
 
 CHECKPOINT_FORMAT = 1
@@ -139,15 +136,34 @@ class Engine:
         """Seed torch's (and Python's and numpy's) global generators for step `step` from the
         "dropout" stream; return the generators of the other streams. A perturbation active at
         the step may draw it from another contract (redraw: other draws over its window only)."""
+        contract = self.contract_at(step)
+        seed_all_globals(contract.seed("dropout", step))
+        return contract.generators(step)
+
+    def contract_at(self, step: int) -> RngContract:
+        """The contract step `step` draws from: the run's, or a perturbation's for its window."""
         contract = self.contract
         for p in self.perturbations:
             if p.start <= step < p.end:
                 contract = p.step_contract(contract, step)
-        contract.seed_global(step)
-        seed = contract.seed("dropout", step)
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
-        return contract.generators(step)
+        return contract
+
+    def make_batch(self, step: int, ids: list[int]):
+        """The batch of `step`. A tuple-of-tensors dataset is indexed (nothing is drawn); any
+        other dataset's examples are built one by one, each with the global generators seeded
+        by contract.example_seed(step, id), and the collate function after them with
+        example_seed(step, "collate"): random augmentation in __getitem__ replays bit for bit
+        from any checkpoint, in any process."""
+        program = self.program
+        if isinstance(program.dataset, tuple) and program.collate is None:
+            return program.make_batch(ids)
+        contract = self.contract_at(step)
+        examples = []
+        for i in ids:
+            seed_all_globals(contract.example_seed(step, i))
+            examples.append(program.example(i))
+        seed_all_globals(contract.example_seed(step, "collate"))
+        return program.collate_examples(examples)
 
     def run_step(self) -> StepRecord:
         t = self.completed
@@ -160,7 +176,7 @@ class Engine:
         for p in self.perturbations:
             ids = list(p.batch_ids(self, t, ids))
         epoch = self.policy.epoch_of(t)
-        batch = self.program.make_batch(ids)
+        batch = self.make_batch(t, ids)
         generators = self.seed_step(t)
         tokens = [(p, p.begin_step(self, t)) for p in active]
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None

@@ -59,17 +59,31 @@ class StepContext:
     def micro_batches(self) -> list[tuple[list[int], Any]]:
         """The step's examples cut into Program.accumulate micro-batches, in order: contiguous
         runs of `ids` whose sizes differ by at most one (the first ones larger; fewer parts when
-        the step has fewer examples), each as (ids, batch). The split is a function of the ids
-        the ledger records and of `accumulate`, so a replay cuts the same micro-batches."""
+        the step has fewer examples), each as (ids, rows of ctx.batch). The split is a function
+        of the ids the ledger records and of `accumulate`, so a replay cuts the same ones. The
+        batch must be a tensor, or a tuple, list or dict of tensors, with one row per example."""
         parts = max(1, min(self.program.accumulate, len(self.ids)))
         size, extra = divmod(len(self.ids), parts)
         out, start = [], 0
         for i in range(parts):
             end = start + size + (1 if i < extra else 0)
-            ids = self.ids[start:end]
-            out.append((ids, self.program.make_batch(ids)))
+            out.append((self.ids[start:end], _rows(self.batch, start, end, len(self.ids))))
             start = end
         return out
+
+
+def _rows(batch, start: int, end: int, n: int):
+    """Rows start:end of a collated batch (a tensor, or a tuple, list or dict of them)."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0 or batch.shape[0] != n:
+            raise TypeError(f"micro_batches: a batch tensor of shape {tuple(batch.shape)} has no row per example ({n})")
+        return batch[start:end]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_rows(x, start, end, n) for x in batch)
+    if isinstance(batch, dict):
+        return {k: _rows(v, start, end, n) for k, v in batch.items()}
+    raise TypeError(f"micro_batches: cannot cut a batch of type {type(batch).__name__} into rows; "
+                    "collate examples into tensors (or tuples, lists, dicts of them)")
 
 
 def _default_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -175,13 +189,15 @@ class Program:
         return self.dataset[index]
 
     def make_batch(self, ids: Sequence[int]):
+        """The batch of these example ids, with no seeding (the engine's make_batch seeds each
+        example's draws from the RNG contract)."""
         if isinstance(self.dataset, tuple) and self.collate is None:
             index = torch.as_tensor(list(ids), dtype=torch.long)
             return tuple(t[index] for t in self.dataset)
-        examples = [self.example(i) for i in ids]
-        if self.collate is not None:
-            return self.collate(examples)
-        return default_collate(examples)
+        return self.collate_examples([self.example(i) for i in ids])
+
+    def collate_examples(self, examples: list):
+        return self.collate(examples) if self.collate is not None else default_collate(examples)
 
     def with_overrides(self, **changes) -> "Program":
         changes = {k: v for k, v in changes.items() if v is not None}

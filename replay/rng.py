@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import numbers
+import random
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -134,6 +136,14 @@ def _normalize_segments(stream: str, value) -> tuple[tuple[int, int], ...]:
 
 
 # ------------------------------------------------------------------------------- contract ----
+
+
+def seed_all_globals(seed: int) -> None:
+    """Seed torch's global generators (seed_torch_globals), Python's `random` and numpy's global
+    generator (with seed mod 2**32, the most it takes) from one seed."""
+    seed_torch_globals(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
 
 
 def seed_torch_globals(seed: int) -> None:
@@ -253,6 +263,15 @@ class RngContract:
         torch's global generators through seed_global): a read-only mapping that makes each
         generator when it is first looked up (most steps use one stream or none)."""
         return StepGenerators(self, step, device)
+
+    def example_seed(self, step: int, example) -> int:
+        """The seed for building example `example` (its id, or "collate") of the batch of `step`:
+        stream_seed(run_seed, f"{key('augment', step)}@{example}", step), so it follows the
+        "augment" stream's re-seeds. The engine seeds torch's, Python's and numpy's global
+        generators with it before the dataset's __getitem__ for that example (and before the
+        collate function), so random augmentation inside a dataset is a pure function of (run
+        seed, step, example id), whichever process or order builds the batch."""
+        return stream_seed(self._run_seed, f"{self.key('augment', step)}@{example}", step)
 
     def seed_global(self, step: int) -> None:
         """seed_torch_globals(seed("dropout", step)): seeds the global CPU generator and every

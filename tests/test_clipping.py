@@ -103,7 +103,7 @@ def test_micro_batches_cover_the_ids_in_order():
     program, _ = load_program(f"{PROGRAMS}:accumulate_3")
     for n in (32, 31, 3, 2, 1):
         ids = list(range(100, 100 + n))
-        ctx = StepContext(step=0, epoch=0, ids=ids, batch=None, model=None, optimizer=None, scheduler=None,
+        ctx = StepContext(step=0, epoch=0, ids=ids, batch=program.make_batch(ids), model=None, optimizer=None, scheduler=None,
                           ema=None, components={}, generators={}, program=program)
         parts = ctx.micro_batches()
         assert [i for part, _ in parts for i in part] == ids
