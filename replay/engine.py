@@ -155,7 +155,7 @@ class Engine:
         example_seed(step, "collate"): random augmentation in __getitem__ replays bit for bit
         from any checkpoint, in any process."""
         program = self.program
-        if isinstance(program.dataset, tuple) and program.collate is None:
+        if program.indexes_tensors:
             return program.make_batch(ids)
         contract = self.contract_at(step)
         examples = []

@@ -188,10 +188,15 @@ class Program:
             return tuple(t[index] for t in self.dataset)
         return self.dataset[index]
 
+    @property
+    def indexes_tensors(self) -> bool:
+        """A batch is made by indexing a tuple of tensors: no example code runs, nothing is drawn."""
+        return isinstance(self.dataset, tuple) and self.collate is None
+
     def make_batch(self, ids: Sequence[int]):
         """The batch of these example ids, with no seeding (the engine's make_batch seeds each
         example's draws from the RNG contract)."""
-        if isinstance(self.dataset, tuple) and self.collate is None:
+        if self.indexes_tensors:
             index = torch.as_tensor(list(ids), dtype=torch.long)
             return tuple(t[index] for t in self.dataset)
         return self.collate_examples([self.example(i) for i in ids])

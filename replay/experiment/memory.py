@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from .estimation import _pair
 from .probe import calibration_error, displacement, observable
 from .spec import SIGNED
 
@@ -34,10 +35,6 @@ WITNESS_THEORY = (
     "(1 - mu) when the e_j point the same way (coherent) and like sqrt((1 - mu^2k) / (1 - mu^2)) "
     "when they are independent draws (incoherent: other dropout masks each step). Both ignore the "
     "gradient's feedback on the displaced weights.")
-
-
-def _pair(values) -> list[float]:
-    return [float(values[0]), float(values[1])]
 
 
 def _key_of(spec, ref: str | None) -> str:
@@ -95,17 +92,16 @@ def witness(experiment, ev, labels) -> dict | None:
     rows = []
     for ref in w["programs"]:
         key = _key_of(spec, ref)
-        suffix = "" if ref == spec.program else f"@{key}"
         total = experiment.total_steps(key)
         for T in spec.fork_steps:
             mu = momentum_of(experiment, key, T)
             for k in w["instrument_steps"]:
                 s1 = T + k
-                names = (f"redraw_k{k}", f"break_k{k}", f"redraw_k{k}+break")
+                names = spec.witness_arm_names(k, ref)
                 runs = []
                 for s in spec.seeds:
                     parent = ev(experiment.run_dir(key, s))
-                    a2, b0, b1 = (ev(experiment.child_dir(key, s, T, n + suffix)) for n in names)
+                    a2, b0, b1 = (ev(experiment.child_dir(key, s, T, n)) for n in names)
                     runs.append((parent, a2, b0, b1))
                 coherent, incoherent = theory_factors(mu, k)
                 for d in distances:

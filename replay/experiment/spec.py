@@ -235,18 +235,25 @@ class ExperimentSpec:
                         "causal_break": brk, "programs": list(programs)}
         taken = {a.name for a in self.arms}
         for ref in programs:
-            suffix = "" if ref == self.program else f"@{_slug(ref)}"
             variant = None if ref == self.program else ref
             if variant is not None:  # every program's forks get their placebo check
-                self.arms.append(Arm(f"placebo{suffix}", ["placebo"], program=variant, generated=True))
+                self.arms.append(Arm(f"placebo{self._witness_suffix(ref)}", ["placebo"], program=variant,
+                                     generated=True))
             for k in self.witness["instrument_steps"]:
                 brk_k = {**brk_spec, "starts_after": k}
-                for name, perturb in ((f"redraw_k{k}", [redraw]), (f"break_k{k}", [brk_k]),
-                                      (f"redraw_k{k}+break", [redraw, brk_k])):
-                    name += suffix
+                for name, perturb in zip(self.witness_arm_names(k, ref), ([redraw], [brk_k], [redraw, brk_k])):
                     if name in taken:
                         raise ValueError(f"arm name {name!r} is taken by the witness's generated arms; rename yours")
                     self.arms.append(Arm(name, perturb, window=k, program=variant, generated=True))
+
+    def _witness_suffix(self, ref: str) -> str:
+        return "" if ref == self.program else f"@{_slug(ref)}"
+
+    def witness_arm_names(self, k: int, ref: str) -> tuple[str, str, str]:
+        """The witness's arms of program `ref` and instrument length k: A' (redraw), the causal
+        break alone, and both (the one naming rule, for making and for reading them)."""
+        suffix = self._witness_suffix(ref)
+        return f"redraw_k{k}{suffix}", f"break_k{k}{suffix}", f"redraw_k{k}+break{suffix}"
 
     def _pair_arms(self) -> None:
         """Additivity: for every pair (P, Q), the arm with both perturbations (named 'P+Q')."""
