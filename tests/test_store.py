@@ -1085,6 +1085,15 @@ if mode == "try-twice":
     attempt()
     sys.stdin.readline()
     attempt()
+elif mode == "hold-and-fork":  # a forked child (a data-loader worker) outlives its parent
+    import os
+    run = RunDir.open(path, writable=True)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(120)
+        os._exit(0)
+    print("HOLDING", pid, flush=True)
+    time.sleep(120)
 else:  # hold
     run = RunDir.open(path, writable=True)
     print("HOLDING", flush=True)
@@ -1120,6 +1129,35 @@ def test_run_lock_across_processes(tmp_path):
         proc.kill()
         proc.wait()
     RunDir.open(path, writable=True).close()
+
+
+def test_a_forked_child_does_not_keep_its_dead_parents_lock(tmp_path):
+    """A child forked while the run is locked inherits the lock's fd; it closes it at once, so
+    a parent killed with -9 leaves the run writable though the child lives on."""
+    child = python_child(tmp_path, "lock_child.py", LOCK_CHILD)
+    path = tmp_path / "r"
+    RunDir.create(path, M()).close()
+    proc = subprocess.Popen([sys.executable, child, str(path), "hold-and-fork"], stdout=subprocess.PIPE,
+                            text=True, env=child_env())
+    grandchild = None
+    try:
+        word, grandchild = proc.stdout.readline().split()
+        grandchild = int(grandchild)
+        assert word == "HOLDING"
+        with pytest.raises(RunLockedError):
+            RunDir.open(path, writable=True)  # the parent holds it
+        proc.kill()
+        proc.wait()
+        os.kill(grandchild, 0)  # the forked child is still alive
+        RunDir.open(path, writable=True).close()
+    finally:
+        proc.kill()
+        proc.wait()
+        if grandchild is not None:
+            try:
+                os.kill(grandchild, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 RECORD_CHILD = """

@@ -67,6 +67,26 @@ STORE_VERSION = 1
 _STATUSES = ("incomplete", "complete")
 
 
+# The write locks this process holds (fd -> the pid that took it). A forked child (a data-loader
+# worker, a pool process) inherits the fds, and with them the parent's flock: a parent killed
+# with -9 would leave its run locked for as long as a child lives. So a child closes its copies
+# at once, without unlocking (LOCK_UN would release the parent's lock too), and a release by any
+# process but the one that took the lock does nothing (the fd number may be reused by then).
+_HELD_LOCKS: dict[int, int] = {}
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 def _take_lock(folder: str) -> int:
     """flock ``folder/.lock`` exclusively (non-blocking) and write our pid; return the fd."""
     lock_path = os.path.join(folder, LOCK)
@@ -95,10 +115,13 @@ def _take_lock(folder: str) -> int:
     except OSError:
         os.close(fd)
         raise
+    _HELD_LOCKS[fd] = os.getpid()
     return fd
 
 
 def _release_lock(fd: int) -> None:
+    if _HELD_LOCKS.pop(fd, None) != os.getpid():
+        return  # taken by the process this one was forked from: not ours to release
     try:
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
