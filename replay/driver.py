@@ -354,6 +354,7 @@ def _record_steps(run: RunDir, engine: Engine, total: int, progress: bool, obser
     bar = progress_bar(total - engine.completed, "record", progress)
     pending: list[StepRow] = []
     known_epochs = run.ledger.epochs()
+    engine.start_workers()  # forked before the checkpoint thread starts, not while it writes
     writer = _CheckpointWriter(run)
     try:
         if engine.completed in counts and engine.completed not in run.ledger.checkpoints():
@@ -382,5 +383,6 @@ def _record_steps(run: RunDir, engine: Engine, total: int, progress: bool, obser
         run.mark_complete()
     finally:
         writer.close()
+        engine.close()
         if bar is not None:
             bar.close()

@@ -25,6 +25,7 @@ from .order import make_policy
 from .program import Program, StepContext
 from .rng import BUILTIN_STREAMS, RngContract, seed_all_globals
 from .store.encode import flatten_state
+from .workers import BatchPlan, WorkerBatches, build_batch
 
 CHECKPOINT_FORMAT = 1
 
@@ -112,6 +113,7 @@ class Engine:
         self.completed = 0
         # step -> a context manager around the step function (replay.trace's op tracer), or None
         self.step_context = None
+        self._worker_batches = None  # replay.workers.WorkerBatches, started with the first batch
         self._build()
         for p in self.perturbations:
             p.restore(self)
@@ -148,22 +150,54 @@ class Engine:
                 contract = p.step_contract(contract, step)
         return contract
 
-    def make_batch(self, step: int, ids: list[int]):
-        """The batch of `step`. A tuple-of-tensors dataset is indexed (nothing is drawn); any
-        other dataset's examples are built one by one, each with the global generators seeded
-        by contract.example_seed(step, id), and the collate function after them with
-        example_seed(step, "collate"): random augmentation in __getitem__ replays bit for bit
-        from any checkpoint, in any process."""
-        program = self.program
-        if program.indexes_tensors:
-            return program.make_batch(ids)
+    def batch_plan(self, step: int) -> BatchPlan:
+        """What determines the batch of `step` (replay.workers.BatchPlan): its ids (the order
+        policy, then any data-order perturbation) and, unless the dataset is a tuple of tensors
+        that is only indexed, the seed of each example, contract.example_seed(step, id), and of
+        the collate call, example_seed(step, "collate"). A pure function of the step."""
+        ids = list(self.policy.batch_ids(step))
+        for p in self.perturbations:
+            ids = list(p.batch_ids(self, step, ids))
+        return self.plan_of(step, ids)
+
+    def plan_of(self, step: int, ids) -> BatchPlan:
+        """The plan of a batch of these ids at `step` (their seeds under the step's contract)."""
+        ids = [int(i) for i in ids]
+        if self.program.indexes_tensors:
+            return BatchPlan(step, tuple(ids), None, None)
         contract = self.contract_at(step)
-        examples = []
-        for i in ids:
-            seed_all_globals(contract.example_seed(step, i))
-            examples.append(program.example(i))
-        seed_all_globals(contract.example_seed(step, "collate"))
-        return program.collate_examples(examples)
+        return BatchPlan(step, tuple(ids), tuple(contract.example_seed(step, i) for i in ids),
+                         contract.example_seed(step, "collate"))
+
+    def make_batch(self, step: int, ids) -> object:
+        """The batch of these example ids at `step`, built in this process (the same bits a
+        worker would build: replay.workers.build_batch)."""
+        return build_batch(self.program, self.plan_of(step, ids))
+
+    def batch_from(self, plan: BatchPlan):
+        """The batch of a step's plan (batch_plan(step)): built here (Program.workers = 0) or by
+        a data-loader worker, the same bits either way (replay.workers). Each example is built with the global
+        generators seeded from its seed, so random augmentation in __getitem__ replays bit for
+        bit from any checkpoint, in any process."""
+        if self.program.workers == 0:
+            return build_batch(self.program, plan)
+        if self._worker_batches is None:
+            self._worker_batches = WorkerBatches(self, self.program.workers)
+        return self._worker_batches.batch(plan)
+
+    def start_workers(self) -> None:
+        """Start the data-loader workers now (Program.workers > 0), prefetching from the step the
+        engine is at, rather than with the first batch."""
+        if self.program.workers > 0:
+            if self._worker_batches is None:
+                self._worker_batches = WorkerBatches(self, self.program.workers)
+            self._worker_batches.start(self.completed)
+
+    def close(self) -> None:
+        """Stop the data-loader workers, if any (they also stop when the engine is collected)."""
+        if self._worker_batches is not None:
+            self._worker_batches.close()
+            self._worker_batches = None
 
     def run_step(self) -> StepRecord:
         t = self.completed
@@ -172,11 +206,10 @@ class Engine:
                 p.check(self)
                 p.apply(self)
         active = [p for p in self.perturbations if p.start <= t < p.end]
-        ids = list(self.policy.batch_ids(t))
-        for p in self.perturbations:
-            ids = list(p.batch_ids(self, t, ids))
+        plan = self.batch_plan(t)
+        ids = list(plan.ids)
         epoch = self.policy.epoch_of(t)
-        batch = self.make_batch(t, ids)
+        batch = self.batch_from(plan)
         generators = self.seed_step(t)
         tokens = [(p, p.begin_step(self, t)) for p in active]
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None

@@ -80,6 +80,7 @@ class ForkSession:
                 divergence = compare_record(rows[record.step], record)
                 if divergence is not None:
                     raise ForkError(f"{self.parent} does not replay up to the fork step:\n{divergence.describe()}")
+            engine.close()  # its data-loader workers, if any: the children have their own
             self.parent_last = last
             self.parent_digest = lineage_digest(run, at)
         self.state = engine.state_dict()

@@ -116,6 +116,11 @@ class Program:
                 optimizer step (replay.clipping: a norm that is the same for any thread count)
                 and records the norm before clipping as the step's "grad_norm" metric. A custom
                 step calls replay.clipping.clip_grad_norm_ itself.
+    workers:    build batches in this many data-loader worker processes (persistent, prefetching);
+                0 builds them in the main process. The batches are the same bits for any number
+                (replay.workers): each example is built with torch's, random's and numpy's global
+                generators seeded by (run seed, "augment" stream, step, example id), and always
+                with one torch thread, as a worker runs.
     components: (model) -> {name: Stateful}, extra state that is checkpointed and fingerprinted.
     order:      data-order policy name or spec ("reshuffle", "with_replacement", "shuffle_once",
                 "sequential", {"name": "curriculum", "scores": [...]}).
@@ -134,6 +139,7 @@ class Program:
     ema_decay: float | None = None
     clip_grad_norm: float | None = None
     accumulate: int = 1
+    workers: int = 0
     components: Callable[[torch.nn.Module], Mapping[str, Stateful]] | None = None
     batch_size: int = 32
     steps: int = 100
@@ -166,6 +172,8 @@ class Program:
             and math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0
         ):
             raise ValueError(f"Program.clip_grad_norm must be a positive finite number, got {self.clip_grad_norm!r}")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
+            raise ValueError(f"Program.workers must be a non-negative int, got {self.workers!r}")
         if self.accumulate > self.batch_size:
             raise ValueError(f"Program.accumulate ({self.accumulate}) cannot exceed batch_size ({self.batch_size}): "
                              "a micro-batch needs at least one example")

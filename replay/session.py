@@ -254,6 +254,7 @@ class ReplaySession:
                     if bar is not None:
                         bar.update(1)
             finally:
+                engine.close()
                 if bar is not None:
                     bar.close()
             return VerifyReport(start=start, end=end, restored_from=restored_from, divergence=divergence,

@@ -34,3 +34,7 @@ def model():
 
 program = replay.Program(model=model, dataset=NoisyDigits(), loss=F.cross_entropy, collate=collate,
                          batch_size=16, steps=24, checkpoint_every=8)
+
+# The same program with its batches built in data-loader worker processes: the same bits.
+program_workers1 = program.with_overrides(workers=1)
+program_workers2 = program.with_overrides(workers=2)
