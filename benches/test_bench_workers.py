@@ -1,0 +1,54 @@
+"""What data-loader workers gain on a CPU-heavy augmentation (Program.workers, issue 10).
+
+benches/programs/augmented_images.py: every example is cropped, flipped, blurred four times and
+jittered in __getitem__, with a linear model, so building the batch is most of a step. Three
+engines (workers = 0, 1, 2) advance `steps` steps each per round, interleaved; the workers are
+persistent, and the first round (which forks them) is a warm-up. Figures: each engine's step
+time and the speed-up over workers = 0, in one run. The ledger digests of the three must agree
+(the same bits for any number of workers), and the bench fails if they do not. No goal: the
+gain depends on the cores free (this machine has 2, shared with the main process).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from replay.engine import Engine
+
+from ._timing import Interleaved, check_info
+from .programs.augmented_images import with_workers
+
+STEPS = 8
+ROUNDS = 7
+WORKERS = (0, 1, 2)
+
+
+@pytest.mark.benchmark(group="data workers")
+def test_data_workers(benchmark, smoke):
+    steps = 2 if smoke else STEPS
+    engines = {n: Engine(p, Engine.contract_for(p)) for n, p in ((n, with_workers(n)) for n in WORKERS)}
+    digests: dict[int, list[int]] = {n: [] for n in WORKERS}
+
+    def advance(n):
+        def run():
+            for _ in range(steps):
+                digests[n].append(engines[n].run_step().digest)
+        return run
+
+    try:
+        timing = Interleaved({f"workers={n}": advance(n) for n in WORKERS})
+        timing.run(benchmark, rounds=1 if smoke else ROUNDS, warmup=0 if smoke else 1)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    assert digests[1] == digests[0] and digests[2] == digests[0], "workers changed the bits"
+    med = timing.medians_ms()
+    step_ms = {n: med[f"workers={n}"] / steps for n in WORKERS}
+    benchmark.extra_info.update({
+        "smoke": smoke, "rounds": timing.measured_rounds, "steps_per_round": steps, "batch_size": 64,
+        "median_ms": {f"workers={n}": step_ms[n] for n in WORKERS},
+        "step_ms": {str(n): step_ms[n] for n in WORKERS},
+        "speedup": {str(n): step_ms[0] / step_ms[n] for n in WORKERS},
+        "goals": [],
+    })
+    check_info(benchmark.extra_info, ["step_ms", "speedup"])
