@@ -142,6 +142,8 @@ def root_manifest(program: Program, source: ProgramSource, engine: Engine, dropp
     return {
         **({"dropped_examples": sorted(set(dropped_examples))} if dropped_examples else {}),
         **({"trace_steps": sorted(set(trace_steps))} if trace_steps else {}),
+        # with the ledger's batch ids, what determines each step's micro-batches (StepContext.micro_batches)
+        **({"accumulate": program.accumulate} if program.accumulate > 1 else {}),
         **_common(engine),
         "first_step": 0,
         "status": "incomplete",

@@ -22,6 +22,7 @@ from .ema import EMA
 from .fingerprinting import combine_state, fingerprints
 from .optim._common import FusedOptimizerMixin, state_indices
 from .order import make_policy
+from .perturb import PerturbationRefused
 from .program import Program, StepContext
 from .rng import BUILTIN_STREAMS, RngContract, seed_all_globals
 from .store.encode import flatten_state
@@ -70,12 +71,14 @@ def default_step(ctx: StepContext):
     ctx.model.train()
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.program.accumulate == 1:
+        ctx.begin_micro_batch(0)
         inputs, target = ctx.batch
         loss = ctx.program.loss(ctx.model(inputs), target)
         loss.backward()
     else:  # micro-batches in order; each loss weighted by its share, so the gradient is the batch's
         loss = 0.0
-        for ids, (inputs, target) in ctx.micro_batches():
+        for index, (ids, (inputs, target)) in enumerate(ctx.micro_batches()):
+            ctx.begin_micro_batch(index)
             part = ctx.program.loss(ctx.model(inputs), target) * (len(ids) / len(ctx.ids))
             part.backward()
             loss = loss + part.detach()
@@ -201,13 +204,22 @@ class Engine:
 
     def run_step(self) -> StepRecord:
         t = self.completed
+        mid_step: dict[int, list] = {}  # micro-batch index -> perturbations applied just before it
         for p in self.perturbations:
             if t == p.start:
                 p.check(self)
-                p.apply(self)
+                if p.micro_step is None:
+                    p.apply(self)
+                else:
+                    mid_step.setdefault(p.micro_step, []).append(p)
         active = [p for p in self.perturbations if p.start <= t < p.end]
         plan = self.batch_plan(t)
         ids = list(plan.ids)
+        parts = max(1, min(self.program.accumulate, len(ids)))  # as StepContext.micro_batches cuts them
+        for index, ps in mid_step.items():
+            if index >= parts:
+                raise PerturbationRefused(f"{ps[0].name}: micro_step {index}, but step {t} has {parts} micro-batch(es) "
+                                          f"(Program.accumulate = {self.program.accumulate}, {len(ids)} examples)")
         epoch = self.policy.epoch_of(t)
         batch = self.batch_from(plan)
         generators = self.seed_step(t)
@@ -216,9 +228,16 @@ class Engine:
         ema_updates = self.ema.updates if self.ema is not None else 0
         ctx = StepContext(step=t, epoch=epoch, ids=ids, batch=batch, model=self.model,
                           optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
-                          components=self.components, generators=generators, program=self.program)
+                          components=self.components, generators=generators, program=self.program,
+                          micro_hooks={i: [p.apply_to(self) for p in ps] for i, ps in mid_step.items()})
         with self.step_context(t) if self.step_context is not None else contextlib.nullcontext():
             result = (self.program.step or default_step)(ctx)
+            if ctx.micro_hooks:
+                index = min(ctx.micro_hooks)
+                raise PerturbationRefused(
+                    f"{mid_step[index][0].name}: micro_step {index} never began: the step function did not call "
+                    f"ctx.begin_micro_batch({index}) (the default step does; a custom step must, before each "
+                    "micro-batch, for a fork to act on one)")
             for p, token in reversed(tokens):  # undone before the scheduler reads the learning rate
                 p.end_step(self, t, token)
             if self.scheduler is not None:

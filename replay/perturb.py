@@ -18,7 +18,9 @@ Hooks, called by replay.engine.Engine (all optional):
   restore(engine)                    after the engine is built or restored (optimizer swaps)
   step_contract(contract, step) -> contract
                                      the contract a step of the window draws from (redraw)
-  apply(engine)                      once, when step `start` begins (state primitives)
+  apply(engine)                      once, when step `start` begins (state primitives), or with
+                                     `micro_step=i` (a spec key, for the primitives marked
+                                     acts_between_micro_batches) just before micro-batch i of it
   begin_step(engine, step) -> token  before each step of the window ...
   end_step(engine, step, token)      ... and after it, before the LR scheduler steps
 """
@@ -54,7 +56,21 @@ class Perturbation:
     summary: ClassVar[str] = ""
     params: ClassVar[dict[str, Any]] = {}  # parameter -> default (required when the default is ...)
 
-    def __init__(self, start: int = 0, window: int = 1, **params):
+    # Whether `micro_step` may be given: a one-shot change of state (apply) that means something
+    # between two micro-batches of an accumulated step and does nothing else there.
+    acts_between_micro_batches: ClassVar[bool] = False
+
+    def __init__(self, start: int = 0, window: int = 1, micro_step: int | None = None, **params):
+        if micro_step is not None:
+            if not type(self).acts_between_micro_batches:
+                acting = sorted(n for n, c in REGISTRY.items() if c.acts_between_micro_batches)
+                raise ValueError(f"{self.name}: micro_step is not supported (it applies to one-shot state changes: "
+                                 f"{', '.join(acting)})")
+            if not isinstance(micro_step, int) or isinstance(micro_step, bool) or micro_step < 0:
+                raise ValueError(f"{self.name}: micro_step must be a non-negative micro-batch index, got {micro_step!r}")
+            if window != 1:
+                raise ValueError(f"{self.name}: micro_step acts inside one step; the window must be 1, got {window!r}")
+        self.micro_step = micro_step
         if not isinstance(start, int) or start < 0:
             raise ValueError(f"{self.name}: start must be a non-negative step, got {start!r}")
         if not isinstance(window, int) or window < 1:
@@ -82,7 +98,8 @@ class Perturbation:
         raise AttributeError(key)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "start": self.start, "window": self.window, **self.values}
+        micro = {} if self.micro_step is None else {"micro_step": self.micro_step}
+        return {"name": self.name, "start": self.start, "window": self.window, **micro, **self.values}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.to_json()})"
@@ -90,6 +107,10 @@ class Perturbation:
     @property
     def end(self) -> int:
         return self.start + self.window
+
+    def apply_to(self, engine):
+        """apply(engine), deferred: a zero-argument callable (a micro-step's hook)."""
+        return lambda: self.apply(engine)
 
     # Hooks: no-ops by default.
     def check(self, engine) -> None:
@@ -185,6 +206,7 @@ def _ema(engine):
 @_register
 class Placebo(Perturbation):
     name = "placebo"
+    acts_between_micro_batches = True
     summary = "change nothing (the coverage check: a placebo child equals its parent bit for bit)"
 
 
@@ -192,6 +214,7 @@ class Placebo(Perturbation):
 
 
 class _ResetStateKey(Perturbation):
+    acts_between_micro_batches = True
     touches = ("optimizer",)
     key: ClassVar[str] = ""
 
@@ -207,6 +230,7 @@ class _ResetStateKey(Perturbation):
 @_register
 class ResetMomentum(Perturbation):
     name = "reset_momentum"
+    acts_between_micro_batches = True
     touches = ("optimizer",)
     summary = "drop SGD's momentum buffers: the next step starts them afresh from the gradient, as torch does"
 
@@ -245,6 +269,7 @@ class ResetStep(_ResetStateKey):
 @_register
 class ResetOptimizer(Perturbation):
     name = "reset_optimizer"
+    acts_between_micro_batches = True
     touches = ("optimizer",)
     summary = "clear all optimizer state (as if the optimizer were new, same hyperparameters)"
 
@@ -322,6 +347,7 @@ class SwapOptimizer(Perturbation):
 @_register
 class ResetEma(Perturbation):
     name = "reset_ema"
+    acts_between_micro_batches = True
     touches = ("ema",)
     summary = "reset the EMA / teacher to the current weights"
 
@@ -360,6 +386,7 @@ class EmaDecay(Perturbation):
 @_register
 class ResetBn(Perturbation):
     name = "reset_bn"
+    acts_between_micro_batches = True
     touches = ("model",)
     summary = "reset BatchNorm running statistics (mean 0, variance 1, batches tracked 0)"
 
@@ -417,7 +444,7 @@ class RecomputeBn(Perturbation):
         engine.model.train()
         engine.seed_step(self.start)  # dropout in this pass draws from the fork step's stream
         for s in starts:
-            batch = program.make_batch(list(range(s, min(n, s + b))))
+            batch = program.make_batch(list(range(s, min(n, s + b))))  # draws from the globals seeded above
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
             engine.model(inputs)
         engine.model.train(was_training)
@@ -672,6 +699,7 @@ class BitFlip(Perturbation):
     """
 
     name = "bitflip"
+    acts_between_micro_batches = True
     touches = ("model",)
     summary = ("flip one bit (default: the lowest) of one float32 weight; by default the element of largest "
                "|dw * dF/dw| (F: the eval-mode outputs on the batch of step T, randomly projected) whose flip "
@@ -741,10 +769,8 @@ class BitFlip(Perturbation):
     def _inputs(self, engine):
         """The model's input in the batch of step `start`, as the step would get it."""
         t = self.start
-        ids = list(engine.policy.batch_ids(t))
-        for p in engine.perturbations:  # the batch the engine will build (data-order perturbations)
-            ids = list(p.batch_ids(engine, t, ids))
-        batch = engine.program.make_batch(ids)
+        # the batch the engine will build (data-order perturbations; each example seeded)
+        batch = engine.make_batch(t, engine.batch_plan(t).ids)
         inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if not isinstance(inputs, torch.Tensor):
             raise PerturbationRefused(
@@ -877,6 +903,7 @@ class BitFlip(Perturbation):
 @_register
 class WeightNoise(Perturbation):
     name = "weight_noise"
+    acts_between_micro_batches = True
     touches = ("model",)
     summary = "add Gaussian noise of standard deviation `std` to the weights, from its own random stream"
     params = {"std": ..., "param": None, "salt": 1}

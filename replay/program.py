@@ -55,6 +55,15 @@ class StepContext:
     components: dict[str, Stateful]
     generators: Mapping[str, torch.Generator]
     program: "Program"
+    # micro-batch index -> changes to make before it (a fork's perturbation with micro_step=i)
+    micro_hooks: dict[int, list[Callable[[], None]]] = field(default_factory=dict)
+
+    def begin_micro_batch(self, index: int) -> None:
+        """Call before running micro-batch `index` (0 for a step without accumulation): a fork
+        that acts on one micro-step (a perturbation with micro_step=index) acts here. The
+        default step calls it; a custom step that does not is refused by such a fork."""
+        for hook in self.micro_hooks.pop(index, ()):
+            hook()
 
     def micro_batches(self) -> list[tuple[list[int], Any]]:
         """The step's examples cut into Program.accumulate micro-batches, in order: contiguous

@@ -57,3 +57,18 @@ def test_redraw_of_augment_changes_the_examples_only_in_its_window():
     for step in range(4, 10):
         same = _same(plain.make_batch(step, [1, 2, 3]), redrawn.make_batch(step, [1, 2, 3]))
         assert same == (not 6 <= step < 8), step
+
+
+def test_recompute_bn_over_a_random_dataset_replays(tmp_path):
+    """recompute_bn's pass over the data runs after the global generators are seeded from the
+    fork step's stream, so a dataset that draws in __getitem__ draws the same in a replay of the
+    child, whatever state the forking process was in."""
+    from replay.fork import ForkSession
+
+    parent = tmp_path / "parent"
+    RecordSession(PROGRAM.replace(":program", ":program_bn"), parent, seed=5, progress=False).run()
+    child = tmp_path / "child"
+    torch.rand(7)  # the fork's process is in some state of its own
+    ForkSession(parent, 8, progress=False).fork(child, "recompute_bn:batches=3", steps=4)
+    report = ReplaySession(child).verify(progress=False)
+    assert report.ok, report.describe()

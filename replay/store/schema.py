@@ -439,7 +439,7 @@ MANIFEST = Obj(
         "optimizer": Obj(required={"class": Str(1024)}, optional={"replay_kernel": Bool(), "numerics": Any()}),
     },
     optional={"rng_effective": RNG, "lineage": LINEAGE, "dropped_examples": List(Int(0, 10**12), max_len=10**6),
-              "trace_steps": List(STEP, max_len=MAX_CHECKPOINTS)},
+              "trace_steps": List(STEP, max_len=MAX_CHECKPOINTS), "accumulate": Int(2, 10**8)},
 )
 
 

@@ -34,3 +34,15 @@ def _accumulating(k, batch_size=32):
 
 accumulate_1 = _accumulating(1)
 accumulate_3 = _accumulating(3)  # 32 examples: micro-batches of 11, 11 and 10
+
+
+def _step_without_micro_hooks(ctx):  # accumulates, but never calls ctx.begin_micro_batch
+    ctx.optimizer.zero_grad(set_to_none=True)
+    for ids, (inputs, target) in ctx.micro_batches():
+        (F.cross_entropy(ctx.model(inputs), target) * (len(ids) / len(ctx.ids))).backward()
+    ctx.optimizer.step()
+
+
+custom_accumulate_3 = replay.Program(model=model, dataset=(x_train, y_train), step=_step_without_micro_hooks,
+                                     optimizer=lambda m: replay.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                     accumulate=3, batch_size=32, steps=20, checkpoint_every=10)

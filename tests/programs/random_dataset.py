@@ -38,3 +38,12 @@ program = replay.Program(model=model, dataset=NoisyDigits(), loss=F.cross_entrop
 # The same program with its batches built in data-loader worker processes: the same bits.
 program_workers1 = program.with_overrides(workers=1)
 program_workers2 = program.with_overrides(workers=2)
+
+
+def model_bn():
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+# With BatchNorm: recompute_bn runs passes over the data, which must build it seeded too.
+program_bn = replay.Program(model=model_bn, dataset=NoisyDigits(), loss=F.cross_entropy, collate=collate,
+                            batch_size=16, steps=24, checkpoint_every=8)
