@@ -239,3 +239,51 @@ def test_torch_numerics_refused_on_cuda():
 def test_mixed_devices_refused():
     with pytest.raises(RuntimeError, match="is on cpu"):
         ops.ema_update_([torch.zeros(4, device=DEVICE)], [torch.zeros(4)], 0.5, True)
+
+
+# --------------------------------------------------------------- streams and ordering ----
+
+def test_fingerprints_on_a_side_stream_read_what_the_stream_wrote():
+    """The sums are zeroed, computed and read back on the current stream of the tensor's device:
+    under a side stream, a tensor written by a long kernel queue on that stream is fingerprinted
+    after it, and the sums are copied back after the fingerprint kernel (a kernel on another
+    stream, or a copy not ordered after it, would read stale or partial values here: repeated
+    so that a race would show)."""
+    from replay.fingerprinting import fingerprints
+
+    gen = seeded(3)
+    base = random_tensor(torch.float32, 1 << 22, gen)
+    expected = fingerprints([base * 3.0 + 1.0])
+    side = torch.cuda.Stream()
+    for _ in range(20):
+        with torch.cuda.stream(side):
+            x = torch.zeros(base.shape, device=DEVICE)
+            for _ in range(8):  # a queue of writes the fingerprint must wait for
+                x.mul_(0.5)
+            x.copy_(base.to(DEVICE, non_blocking=False)).mul_(3.0).add_(1.0)
+            got = fingerprints([x])
+        assert got == expected
+    torch.cuda.synchronize()
+
+
+def test_optimizer_sums_on_a_side_stream_match_the_cpu():
+    """replay.optim's fused step under a side stream: the fingerprints it returns are those of the
+    values it wrote (the step's sums are read back on the stream that computed them)."""
+    import replay
+
+    gen = seeded(4)
+    w = floats(1 << 20, gen)
+    g = floats(1 << 20, gen)
+    cpu_p = torch.nn.Parameter(w.clone())
+    cpu_p.grad = g.clone()
+    cpu_opt = replay.optim.AdamW([cpu_p], lr=1e-3)
+    cpu_opt.step()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        p = torch.nn.Parameter(w.to(DEVICE))
+        p.grad = g.to(DEVICE)
+        opt = replay.optim.AdamW([p], lr=1e-3)
+        opt.step()
+        sums = dict(opt.fingerprints)
+    assert sums == dict(cpu_opt.fingerprints)
+    assert_same_bits([cpu_p.detach()], [p.detach()], "param")
