@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from .. import _numerics
-from ..fingerprinting import finish_many
+from ..fingerprinting import fingerprints, finish_many
+from .master import LOW_PRECISION, check_low_param, round_to
 
 
 def check_param_group(optimizer_name: str, group: dict, float_keys: Sequence[str]) -> None:
@@ -48,16 +49,19 @@ def check_devices(optimizer_name: str, param_groups: list[dict]) -> None:
         )
 
 
-def check_param_and_grad(optimizer_name: str, p: torch.Tensor) -> None:
+def check_param_and_grad(optimizer_name: str, p: torch.Tensor, master_weights: bool = False) -> None:
     grad = p.grad
     if grad.is_sparse:
         raise RuntimeError(f"replay.optim.{optimizer_name} does not support sparse gradients")
     if p.is_complex() or grad.is_complex():
         raise TypeError(f"replay.optim.{optimizer_name} does not support complex parameters or gradients")
     if p.dtype != torch.float32 or grad.dtype != torch.float32:
+        hint = ("" if master_weights or p.dtype not in LOW_PRECISION else
+                "; for bfloat16 / float16 parameters pass master_weights=True (fp32 master weights and moments, "
+                "the parameter written by round-to-nearest-even)")
         raise TypeError(
             f"replay.optim.{optimizer_name} takes float32 parameters and gradients, got "
-            f"{p.dtype} / {grad.dtype}"
+            f"{p.dtype} / {grad.dtype}{hint}"
         )
     if grad.device != p.device:
         raise ValueError(f"replay.optim.{optimizer_name}: gradient on {grad.device}, parameter on {p.device}")
@@ -120,9 +124,18 @@ class FusedOptimizerMixin:
     _replay_float_keys: tuple[str, ...] = ()
     _replay_uses_sqrt = False
 
-    def __init__(self, params, *args, numerics: str = "portable", fingerprint: bool = True, **kwargs):
+    def __init__(self, params, *args, numerics: str = "portable", fingerprint: bool = True,
+                 master_weights: bool = False, **kwargs):
         self.numerics = _numerics.check_choice(numerics)
         self.fingerprint = bool(fingerprint)
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"replay.optim.{self._replay_name}: master_weights must be True or False, got {master_weights!r}")
+        if master_weights and self.numerics == "torch":
+            raise ValueError(
+                f"replay.optim.{self._replay_name}: numerics='torch' with master_weights=True has no torch.optim "
+                "counterpart to match (torch.optim steps low-precision parameters in their own dtype); use "
+                "numerics='portable'")
+        self.master_weights = master_weights
         super().__init__(params, *args, **kwargs)  # the torch.optim class: its arguments and defaults
 
     @torch.no_grad()
@@ -139,18 +152,72 @@ class FusedOptimizerMixin:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            weights, grads, low = [], [], []
             for p in params:
-                check_param_and_grad(self._replay_name, p)
-            columns, sums, extra = self._replay_group_step(group, params)
+                if self.master_weights and p.dtype in LOW_PRECISION:
+                    check_low_param(self._replay_name, p)
+                    master = self.state[p].get("master_param")
+                    if master is None:  # the parameter widened to fp32: exact
+                        master = self.state[p]["master_param"] = p.detach().to(torch.float32, copy=True)
+                    weights.append(master)
+                    grads.append(p.grad.to(torch.float32))  # exact
+                    low.append(True)
+                else:
+                    check_param_and_grad(self._replay_name, p, self.master_weights)
+                    weights.append(p)
+                    grads.append(contiguous_grad(p))
+                    low.append(False)
+            columns, sums, extra = self._replay_group_step(group, params, weights, grads)
+            if any(low):
+                extra = self._write_low_precision(params, weights, low, columns, extra)
             if self.fingerprint:
                 record.add([indices[id(p)] for p in params], columns, sums, extra)
         self._replay_last = record
         return loss
 
-    def _replay_group_step(self, group: dict, params: list[torch.Tensor]):
-        """Run the kernel on one group's parameters that have gradients; return, per parameter,
-        the (state name, tensor) pairs the kernel fingerprinted, the sums, and extra entries."""
+    def _write_low_precision(self, params, weights, low, columns, extra):
+        """Write each low-precision parameter from its master (round_to); the kernel's "param"
+        column is the master's, renamed "master_param", and the parameter's own fingerprint is
+        added (one fingerprint call for the group)."""
+        written = []
+        for p, master, is_low in zip(params, weights, low):
+            if is_low:
+                p.copy_(round_to(master, p.dtype))
+                written.append(p)
+        extra = [dict(e) for e in extra] if extra is not None else [{} for _ in params]
+        if self.fingerprint:
+            fps = iter(fingerprints(written))
+            for k, is_low in enumerate(low):
+                if is_low:
+                    columns[k] = [("master_param", t) if name == "param" else (name, t) for name, t in columns[k]]
+                    extra[k]["param"] = next(fps)
+        return extra
+
+    def _replay_group_step(self, group: dict, params: list[torch.Tensor], weights: list[torch.Tensor],
+                           grads: list[torch.Tensor]):
+        """Run the kernel on one group's parameters that have gradients (`weights`: the tensors
+        it updates, each parameter or its fp32 master; `grads`: their fp32 gradients; state is
+        kept under the parameters); return, per parameter, the (state name, tensor) pairs the
+        kernel fingerprinted, the sums, and extra entries."""
         raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's, except that the fp32 state of a master-weights parameter (its master
+        and moments) stays fp32: torch casts floating-point state to the parameter's dtype."""
+        super().load_state_dict(state_dict)
+        if not self.master_weights:
+            return
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entries in state_dict["state"].items():
+            p = params[int(index)]
+            if p.dtype not in LOW_PRECISION:
+                continue
+            for key, value in entries.items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    if value.dtype != torch.float32:
+                        raise ValueError(f"replay.optim.{self._replay_name}: state {key!r} of a master-weights "
+                                         f"parameter must be float32, got {value.dtype}")
+                    self.state[p][key] = value.to(device=p.device, copy=True)
 
     def add_param_group(self, param_group: dict) -> None:  # noqa: D401 (torch's signature)
         super().add_param_group(param_group)

@@ -6,25 +6,26 @@ import torch
 
 from .. import _ops
 from ..fingerprinting import fingerprint_scalar
-from ._common import FusedOptimizerMixin, contiguous_grad
+from ._common import FusedOptimizerMixin
 
 
 class _AdamFamily(FusedOptimizerMixin):
     _replay_float_keys = ("lr", "betas", "eps", "weight_decay")
     _replay_uses_sqrt = True
 
-    def _replay_group_step(self, group, params):
+    def _replay_group_step(self, group, params, weights, grads):
         amsgrad = group["amsgrad"]
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, step_tensors = [], [], [], [], []
-        for p in params:
+        for p, w in zip(params, weights):
             state = self.state[p]
-            if len(state) == 0:
-                # torch.optim.Adam._init_group's layout (capturable and fused off).
+            if "step" not in state:
+                # torch.optim.Adam._init_group's layout (capturable and fused off); the moments
+                # are shaped and typed as the weights the kernel updates (an fp32 master's).
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
                 if amsgrad:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["max_exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
             step_t = state["step"]
             # torch increments a float32 tensor and reads it back as a Python float.
             step_t += 1
@@ -36,8 +37,8 @@ class _AdamFamily(FusedOptimizerMixin):
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
         beta1, beta2 = group["betas"]
         sums = _ops.adam_step_(
-            params,
-            [contiguous_grad(p) for p in params],
+            weights,
+            grads,
             exp_avgs,
             exp_avg_sqs,
             max_exp_avg_sqs,
@@ -55,7 +56,7 @@ class _AdamFamily(FusedOptimizerMixin):
         )
         columns = []
         for k, p in enumerate(params):
-            named = [("param", p), ("exp_avg", exp_avgs[k]), ("exp_avg_sq", exp_avg_sqs[k])]
+            named = [("param", weights[k]), ("exp_avg", exp_avgs[k]), ("exp_avg_sq", exp_avg_sqs[k])]
             if amsgrad:
                 named.append(("max_exp_avg_sq", max_exp_avg_sqs[k]))
             columns.append(named)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from ._common import FusedOptimizerMixin, contiguous_grad
+from ._common import FusedOptimizerMixin
 
 
 class SGD(FusedOptimizerMixin, torch.optim.SGD):
@@ -20,21 +20,22 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
     _replay_name = "SGD"
     _replay_float_keys = ("lr", "momentum", "dampening", "weight_decay")
 
-    def _replay_group_step(self, group, params):
+    def _replay_group_step(self, group, params, weights, grads):
         momentum = group["momentum"]
         buffers, first_step = [], []
         if momentum != 0:
-            for p in params:
+            for p, w in zip(params, weights):
                 buf = self.state[p].get("momentum_buffer")
                 first_step.append(buf is None)
                 if buf is None:
-                    # torch clones the gradient here; the kernel writes the buffer in full.
-                    buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    # torch clones the gradient here; the kernel writes the buffer in full
+                    # (typed as the weights it updates: an fp32 master's for master weights).
+                    buf = torch.empty_like(w, memory_format=torch.contiguous_format)
                     self.state[p]["momentum_buffer"] = buf
                 buffers.append(buf)
         sums = _ops.sgd_step_(
-            params,
-            [contiguous_grad(p) for p in params],
+            weights,
+            grads,
             buffers,
             first_step,
             lr=group["lr"],
@@ -48,7 +49,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         )
         columns = []
         for k, p in enumerate(params):
-            named = [("param", p)]
+            named = [("param", weights[k])]
             if momentum != 0:
                 named.append(("momentum_buffer", buffers[k]))
             columns.append(named)
