@@ -37,6 +37,24 @@ def check_param_group(optimizer_name: str, group: dict, float_keys: Sequence[str
     devices = {p.device for p in group["params"]}
     if len(devices) > 1:
         raise ValueError(f"replay.optim.{optimizer_name}: parameters on mixed devices {sorted(map(str, devices))}")
+    for p in group["params"]:
+        check_dtype(optimizer_name, p.dtype)
+
+
+def check_dtype(optimizer_name: str, dtype: torch.dtype, grad_dtype: torch.dtype | None = None) -> None:
+    """The kernels read and write float32 only. bf16/fp16 parameters are refused rather than
+    updated in their own precision: that arithmetic is not specified bit for bit here."""
+    if dtype == torch.float32 and grad_dtype in (None, torch.float32):
+        return
+    if dtype.is_complex or (grad_dtype is not None and grad_dtype.is_complex):
+        return  # refused by check_param_and_grad, with its own reason
+    got = f"{dtype} / {grad_dtype}" if grad_dtype is not None else str(dtype)
+    hint = ""
+    if torch.bfloat16 in (dtype, grad_dtype) or torch.float16 in (dtype, grad_dtype):
+        hint = (" Low-precision parameters need float32 master weights (master_weights=True), which "
+                "replay.optim does not implement yet; keep the parameters float32 and run the forward "
+                "pass in bf16/fp16 with Program(autocast=...) instead.")
+    raise TypeError(f"replay.optim.{optimizer_name} takes float32 parameters and gradients, got {got}.{hint}")
 
 
 def check_devices(optimizer_name: str, param_groups: list[dict]) -> None:
@@ -54,11 +72,7 @@ def check_param_and_grad(optimizer_name: str, p: torch.Tensor) -> None:
         raise RuntimeError(f"replay.optim.{optimizer_name} does not support sparse gradients")
     if p.is_complex() or grad.is_complex():
         raise TypeError(f"replay.optim.{optimizer_name} does not support complex parameters or gradients")
-    if p.dtype != torch.float32 or grad.dtype != torch.float32:
-        raise TypeError(
-            f"replay.optim.{optimizer_name} takes float32 parameters and gradients, got "
-            f"{p.dtype} / {grad.dtype}"
-        )
+    check_dtype(optimizer_name, p.dtype, grad.dtype)
     if grad.device != p.device:
         raise ValueError(f"replay.optim.{optimizer_name}: gradient on {grad.device}, parameter on {p.device}")
     if grad.shape != p.shape:
@@ -170,6 +184,12 @@ class FusedOptimizerMixin:
                 "compute no fingerprints"
             )
         return self._replay_last.resolve() if hasattr(self, "_replay_last") else {}
+
+    def clear_fingerprints(self) -> None:
+        """Forget the last step's fingerprints (`fingerprints` is {} until the next step()).
+        The engine calls this before every training step, so a step in which step() did not
+        run (a GradScaler skipped it) never reports an earlier step's values."""
+        self._replay_last = StepFingerprints()
 
     def _replay_numerics(self, device: torch.device) -> int:
         return _numerics.resolve(self.numerics, device, uses_sqrt=self._replay_uses_sqrt)
