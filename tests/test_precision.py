@@ -257,3 +257,18 @@ def test_scaler_primitives_are_refused_without_a_scaler_and_validate_their_spec(
                 "scale_scaler:factor=inf", "reset_scaler:factor=2"):
         with pytest.raises(ValueError, match="scale"):
             from_spec(bad)
+
+
+def test_a_checkpoint_scaler_state_is_validated_before_it_is_loaded(fp16_run):
+    from replay.store.schema import SchemaError, check_checkpoint_state
+
+    with RunDir.open(fp16_run) as run:
+        folder = Path(run.checkpoints_dir) / f"step-{SKIP + 1:08d}"
+    skeleton = json.loads((folder / "state.json").read_text())
+    check_checkpoint_state(skeleton, folder, SKIP + 1)  # as written: accepted
+    for key, bad in (("scale", "256"), ("scale", -1.0), ("backoff_factor", 2.0), ("growth_interval", 0),
+                     ("_growth_tracker", 1.5), ("extra", 1)):
+        broken = json.loads(json.dumps(skeleton))
+        broken["scaler"][key] = bad
+        with pytest.raises(SchemaError, match="scaler"):
+            check_checkpoint_state(broken, folder, SKIP + 1)
