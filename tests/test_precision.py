@@ -199,9 +199,8 @@ def test_reserved_metric_names_are_refused():
     def step(ctx):
         return {"loss": torch.tensor(1.0), "loss_scale": 2.0}
 
-    program = _program(autocast="fp16", grad_scaler=True)
-    program = replay.Program(model=program.model, dataset=program.dataset, step=step, batch_size=2,
-                             autocast="fp16", grad_scaler=True)
+    program = replay.Program(model=lambda: torch.nn.Linear(2, 2), dataset=(torch.zeros(4, 2),), step=step,
+                             batch_size=2, autocast="fp16", grad_scaler=True)
     with pytest.raises(ValueError, match="loss_scale"):
         Engine(program, Engine.contract_for(program)).run_step()
 
