@@ -23,6 +23,7 @@ from .fingerprinting import combine_state, fingerprints
 from .optim._common import FusedOptimizerMixin, state_indices
 from .order import make_policy
 from .perturb import PerturbationRefused
+from .precision import GradScaler, check_scaler_state, device_type, scaler_arguments
 from .program import Program, StepContext
 from .rng import BUILTIN_STREAMS, RngContract, seed_all_globals
 from .store.encode import flatten_state
@@ -66,29 +67,44 @@ def nested_fingerprints(state) -> dict[str, int]:
 
 
 def default_step(ctx: StepContext):
-    """Forward, loss, backward (per micro-batch with Program.accumulate), gradient clipping
-    (with Program.clip_grad_norm), optimizer step, EMA update."""
+    """Forward and loss (under Program.autocast), backward (per micro-batch with
+    Program.accumulate; of the scaled loss with Program.grad_scaler), unscaling, gradient
+    clipping (with Program.clip_grad_norm), optimizer step (through the scaler, which skips it
+    on inf or NaN gradients), scaler update, EMA update."""
     ctx.model.train()
     ctx.optimizer.zero_grad(set_to_none=True)
+    scaler = ctx.scaler
+
+    def backward(loss):
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
     if ctx.program.accumulate == 1:
         ctx.begin_micro_batch(0)
         inputs, target = ctx.batch
-        loss = ctx.program.loss(ctx.model(inputs), target)
-        loss.backward()
+        with ctx.autocast():
+            loss = ctx.program.loss(ctx.model(inputs), target)
+        backward(loss)
     else:  # micro-batches in order; each loss weighted by its share, so the gradient is the batch's
         loss = 0.0
         for index, (ids, (inputs, target)) in enumerate(ctx.micro_batches()):
             ctx.begin_micro_batch(index)
-            part = ctx.program.loss(ctx.model(inputs), target) * (len(ids) / len(ctx.ids))
-            part.backward()
+            with ctx.autocast():
+                part = ctx.program.loss(ctx.model(inputs), target) * (len(ids) / len(ctx.ids))
+            backward(part)
             loss = loss + part.detach()
     metrics = {"loss": loss}
+    if scaler is not None:
+        scaler.unscale_(ctx.optimizer)  # clipping acts on the true gradients
     if ctx.program.clip_grad_norm is not None:
         from .clipping import clip_grad_norm_
 
         metrics["grad_norm"] = clip_grad_norm_(ctx.model.parameters(), ctx.program.clip_grad_norm)
-    ctx.optimizer.step()
-    if ctx.ema is not None:
+    if scaler is not None:
+        scaler.step(ctx.optimizer)
+        scaler.update()
+    else:
+        ctx.optimizer.step()
+    if ctx.ema is not None:  # also after a skipped step, as the usual training loops do
         ctx.ema.update()
     return metrics
 
@@ -134,6 +150,8 @@ class Engine:
         self.scheduler = self.program.scheduler(self.optimizer) if self.program.scheduler else None
         self.ema = EMA(self.model, self.program.ema_decay) if self.program.ema_decay is not None else None
         self.components = dict(self.program.components(self.model)) if self.program.components else {}
+        arguments = scaler_arguments(self.program.grad_scaler)
+        self.scaler = GradScaler(device_type(self.model), arguments) if arguments is not None else None
 
     # ------------------------------------------------------------------------ stepping ----
 
@@ -229,7 +247,16 @@ class Engine:
         ctx = StepContext(step=t, epoch=epoch, ids=ids, batch=batch, model=self.model,
                           optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
                           components=self.components, generators=generators, program=self.program,
-                          micro_hooks={i: [p.apply_to(self) for p in ps] for i, ps in mid_step.items()})
+                          micro_hooks={i: [p.apply_to(self) for p in ps] for i, ps in mid_step.items()},
+                          scaler=self.scaler)
+        if isinstance(self.optimizer, FusedOptimizerMixin):
+            # A step in which the optimizer does not run (a scaler skipped it) must not report
+            # the kernel's fingerprints of an earlier step: state may have changed since (a
+            # perturbation, a restore), and the engine hashes it afresh when there are none.
+            self.optimizer.clear_fingerprints()
+        if self.scaler is not None:
+            self.scaler.skipped = False
+            loss_scale = self.scaler.get_scale()
         with self.step_context(t) if self.step_context is not None else contextlib.nullcontext():
             result = (self.program.step or default_step)(ctx)
             if ctx.micro_hooks:
@@ -250,6 +277,12 @@ class Engine:
             metrics = {str(k): _as_float(v) for k, v in result.items()}
         elif result is not None:
             raise TypeError(f"a step function returns a dict of metrics, a loss tensor or None, not {type(result).__name__}")
+        if self.scaler is not None:
+            reserved = {"loss_scale", "scaler_skipped"} & set(metrics)
+            if reserved:
+                raise ValueError(f"step metrics {sorted(reserved)} are the engine's own with Program.grad_scaler; rename them")
+            metrics["loss_scale"] = loss_scale
+            metrics["scaler_skipped"] = float(self.scaler.skipped)
         fresh_ema = self.ema is not None and self.ema.updates != ema_updates
         fps = self.fingerprints(fresh_ema=fresh_ema)
         loss = metrics.pop("loss", None)
@@ -303,6 +336,8 @@ class Engine:
         result = {"model": model_fps, "optimizer": optimizer_fps}
         if self.scheduler is not None:
             result["scheduler"] = {"state": _json_hash(flatten_state(self.scheduler.state_dict())[0])}
+        if self.scaler is not None:
+            result["scaler"] = self.scaler.fingerprints(_json_hash)
         if self.ema is not None:
             if fresh_ema:
                 result["ema"] = dict(self.ema.fingerprints)
@@ -335,6 +370,7 @@ class Engine:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "components": {name: c.state_dict() for name, c in self.components.items()},
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -343,6 +379,9 @@ class Engine:
         missing = set(self.components) ^ set(state["components"])
         if missing:
             raise ValueError(f"checkpoint components {sorted(state['components'])} do not match the program's {sorted(self.components)}")
+        if self.scaler is None and state.get("scaler") is not None:
+            raise ValueError("the checkpoint holds GradScaler state, but the program has no Program.grad_scaler")
+        scaler_state = check_scaler_state(state.get("scaler"), self.scaler.arguments) if self.scaler is not None else None
         self.completed = int(state["completed_steps"])
         for p in self.perturbations:  # e.g. a swapped optimizer must exist before its state loads
             p.restore(self)
@@ -354,6 +393,8 @@ class Engine:
             self.ema.load_state_dict(state["ema"])
         for name, component in self.components.items():
             component.load_state_dict(state["components"][name])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(scaler_state)
 
 
 def digest_of(fps: dict[str, dict[str, int]]) -> int:

@@ -944,6 +944,54 @@ class LrScale(Perturbation):
             group["lr"] = lr
 
 
+# ------------------------------------------------------------------------- loss scaler ----
+
+
+def _scaler(engine, what: str):
+    if engine.scaler is None:
+        raise PerturbationRefused(f"{what}: the program has no loss scaler (Program.grad_scaler is unset)")
+    return engine.scaler
+
+
+@_register
+class ResetScaler(Perturbation):
+    name = "reset_scaler"
+    touches = ("scaler",)
+    summary = "reset the GradScaler: the loss scale back to the program's init_scale, growth tracker 0"
+
+    def check(self, engine):
+        _scaler(engine, self.name)
+
+    def apply(self, engine):
+        scaler = _scaler(engine, self.name)
+        scaler.reset(scaler.arguments["init_scale"], 0)
+
+
+@_register
+class ScaleScaler(Perturbation):
+    name = "scale_scaler"
+    touches = ("scaler",)
+    summary = "multiply the GradScaler's loss scale by `factor` (rounded to float32; growth tracker kept)"
+    params = {"factor": ...}
+
+    def _check_values(self):
+        _real(self.name, "factor", self.values["factor"], low=0, low_open=True)
+
+    def check(self, engine):
+        _scaler(engine, self.name)
+
+    def apply(self, engine):
+        from .precision import float32
+
+        scaler = _scaler(engine, self.name)
+        state = scaler.state_dict()
+        scale = float32(state["scale"] * float(self.values["factor"]))
+        if not (math.isfinite(scale) and scale > 0):
+            raise PerturbationRefused(f"{self.name}: scale {state['scale']!r} times {self.values['factor']!r} is "
+                                      f"{scale!r} in float32, not a usable loss scale")
+        scaler.reset(scale, state["_growth_tracker"])
+
+
 # -------------------------------------------------------------------------- randomness ----
 
 

@@ -65,6 +65,16 @@ class StepContext:
         for hook in self.micro_hooks.pop(index, ()):
             hook()
 
+    scaler: Any = None  # the engine's replay.precision.GradScaler with Program.grad_scaler, else None
+
+    def autocast(self):
+        """A context manager running its body under the program's autocast (Program.autocast:
+        bf16 or fp16 on the model's device type; nothing when it is None). A custom step wraps
+        its forward pass and loss in it, as the default step does; backward runs outside."""
+        from .precision import autocast, device_type
+
+        return autocast(device_type(self.model), self.program.autocast)
+
     def micro_batches(self) -> list[tuple[list[int], Any]]:
         """The step's examples cut into Program.accumulate micro-batches, in order: contiguous
         runs of `ids` whose sizes differ by at most one (the first ones larger; fewer parts when
@@ -121,6 +131,15 @@ class Program:
                 backward each, the loss of each weighted by its share of the examples, so the
                 gradient is the whole batch's), then one optimizer step; ctx.micro_batches()
                 gives a custom step the same split.
+    autocast:   "bf16" or "fp16": the default step runs the forward pass and the loss under
+                torch.autocast with that dtype on the model's device type (parameters, gradients
+                and optimizer stay float32); a custom step uses `with ctx.autocast():`.
+    grad_scaler: True (torch's defaults) or a dict of torch.amp.GradScaler arguments
+                (init_scale, growth_factor, backoff_factor, growth_interval), for fp16: the engine
+                owns the scaler (checkpointed, fingerprinted, ctx.scaler); the default step runs
+                scale(loss).backward(), unscale_, clipping, scaler.step, scaler.update. Every
+                step records "loss_scale" (the scale it used) and "scaler_skipped" (1 when inf or
+                NaN gradients made the scaler skip the optimizer step, else 0).
     clip_grad_norm: the default step clips the gradients to this total L2 norm before the
                 optimizer step (replay.clipping: a norm that is the same for any thread count)
                 and records the norm before clipping as the step's "grad_norm" metric. A custom
@@ -149,6 +168,8 @@ class Program:
     clip_grad_norm: float | None = None
     accumulate: int = 1
     workers: int = 0
+    autocast: str | None = None
+    grad_scaler: bool | Mapping = False
     components: Callable[[torch.nn.Module], Mapping[str, Stateful]] | None = None
     batch_size: int = 32
     steps: int = 100
@@ -183,6 +204,10 @@ class Program:
             raise ValueError(f"Program.clip_grad_norm must be a positive finite number, got {self.clip_grad_norm!r}")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
             raise ValueError(f"Program.workers must be a non-negative int, got {self.workers!r}")
+        from .precision import check_autocast, scaler_arguments
+
+        check_autocast(self.autocast)
+        scaler_arguments(self.grad_scaler)
         if self.accumulate > self.batch_size:
             raise ValueError(f"Program.accumulate ({self.accumulate}) cannot exceed batch_size ({self.batch_size}): "
                              "a micro-batch needs at least one example")

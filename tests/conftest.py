@@ -21,6 +21,7 @@ TINY = str(PROGRAMS / "tiny.py") + ":program"  # AdamW, BatchNorm, dropout, EMA,
 QUEUE = str(PROGRAMS / "queue_sgd.py") + ":program"  # SGD with momentum, a queue component
 LEAKY = str(PROGRAMS / "leaky.py") + ":program"  # a Python-level step counter changes the loss
 FORGETFUL = str(PROGRAMS / "forgetful_queue.py") + ":program"  # a queue that forgets its pointer
+SCALED = str(PROGRAMS / "mixed_precision.py") + ":fp16"  # fp16 autocast, a GradScaler, one skipped step
 
 
 # ------------------------------------------------------------------------- recorded runs ----

@@ -38,7 +38,7 @@ from replay.rng import RngContract
 from replay.session import RecordSession, ReplaySession
 from replay.store import RunDir
 
-from conftest import FORGETFUL, LEAKY, QUEUE, ROOT, TINY, flat_tensors  # the test programs (see conftest.py)
+from conftest import FORGETFUL, LEAKY, QUEUE, ROOT, SCALED, TINY, flat_tensors  # the test programs (see conftest.py)
 
 T = 13  # the fork step: not a checkpoint (both parents checkpoint every 10), in the middle of epoch 0
 UNTIL = 22  # children end here: past the checkpoint at 20, so replays restore inside windows
@@ -208,8 +208,11 @@ CASES = {
     "lr_scale": Case(TINY, "lr_scale:factor=0.5", 10),
     "reseed": Case(TINY, "reseed:stream=augment"),
     "redraw": Case(TINY, "redraw:stream=augment", 3),
+    # SCALED at T: scale 1024 (grown after steps 8 and 12), growth tracker 0; init_scale 256
+    "reset_scaler": Case(SCALED, "reset_scaler", changes={"scaler": lambda n: n == "scale"}),
+    "scale_scaler": Case(SCALED, "scale_scaler:factor=0.5", changes={"scaler": lambda n: n == "scale"}),
 }
-STATE = ("model", "optimizer", "scheduler", "ema")
+STATE = ("model", "optimizer", "scheduler", "ema", "scaler")
 
 
 def is_state(component: str) -> bool:
@@ -221,8 +224,9 @@ def is_state(component: str) -> bool:
 
 @pytest.fixture(scope="module")
 def parents(recorded_run):
-    """tiny and queue_sgd, 30 steps, checkpoints every 10 (shared recordings: read-only)."""
-    return {ref: recorded_run(ref, steps=STEPS, checkpoint_every=10) for ref in (TINY, QUEUE)}
+    """tiny, queue_sgd and the fp16 program, 30 steps, checkpoints every 10 (shared recordings:
+    read-only)."""
+    return {ref: recorded_run(ref, steps=STEPS, checkpoint_every=10) for ref in (TINY, QUEUE, SCALED)}
 
 
 @pytest.fixture(scope="module")
@@ -382,6 +386,15 @@ def _inject_example(ctx):
     assert ctx.record.ids == [7] + ctx.parent[T].batch_ids[1:]
 
 
+def _scaler(scale):
+    def check(ctx):
+        scaler = ctx.probe.state["scaler"]
+        assert (scaler["scale"], scaler["_growth_tracker"]) == (scale, 0)
+        assert ctx.parent[T].metrics["loss_scale"] == 1024.0 and ctx.record.metrics["loss_scale"] == scale
+        ctx.state_effect()
+    return check
+
+
 def _reseed(ctx):
     ctx.same_batch()  # the batches are the parent's, the augmentation noise is not
     assert ctx.record.digest != ctx.parent[T].digest
@@ -411,6 +424,8 @@ EFFECTS = {
     "lr_scale": _lr_scale,
     "reseed": _reseed,
     "redraw": _reseed,  # over its window the same: the parent's batches, other augmentation noise
+    "reset_scaler": _scaler(256.0),
+    "scale_scaler": _scaler(512.0),
 }
 assert set(EFFECTS) == set(CASES)
 
@@ -627,7 +642,7 @@ def test_placebo_forks_at_random_steps_equal_the_parent_for_every_example(tmp_pa
         assert f"placebo fork at step {t}: identical to the parent through step {steps - 1}" in out
 
 
-@pytest.mark.parametrize("program", [TINY, QUEUE])
+@pytest.mark.parametrize("program", [TINY, QUEUE, SCALED])
 def test_placebo_forks_at_random_steps_equal_the_parent_for_the_test_programs(parents, parent_rows, program, capsys):
     rng = random.Random(program)
     for at in rng.sample(range(1, STEPS - 1), 2):

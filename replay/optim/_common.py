@@ -14,7 +14,7 @@ from ..fingerprinting import fingerprints, finish_many
 from .master import LOW_PRECISION, check_low_param, round_to
 
 
-def check_param_group(optimizer_name: str, group: dict, float_keys: Sequence[str]) -> None:
+def check_param_group(optimizer_name: str, group: dict, float_keys: Sequence[str], master_weights: bool = False) -> None:
     """Refuse what the fused kernels cannot do bit for bit, with a reason."""
     if group.get("fused"):
         raise ValueError(
@@ -38,6 +38,28 @@ def check_param_group(optimizer_name: str, group: dict, float_keys: Sequence[str
     devices = {p.device for p in group["params"]}
     if len(devices) > 1:
         raise ValueError(f"replay.optim.{optimizer_name}: parameters on mixed devices {sorted(map(str, devices))}")
+    for p in group["params"]:
+        check_dtype(optimizer_name, p.dtype, master_weights=master_weights)
+
+
+def check_dtype(optimizer_name: str, dtype: torch.dtype, grad_dtype: torch.dtype | None = None,
+                master_weights: bool = False) -> None:
+    """The kernels read and write float32 only. bf16/fp16 parameters are stepped through fp32
+    master weights (master_weights=True, replay.optim.master) or refused, never updated in their
+    own precision: that arithmetic is not specified bit for bit here."""
+    if dtype == torch.float32 and grad_dtype in (None, torch.float32):
+        return
+    if master_weights and dtype in LOW_PRECISION and grad_dtype in (None, dtype):
+        return
+    if dtype.is_complex or (grad_dtype is not None and grad_dtype.is_complex):
+        return  # refused by check_param_and_grad, with its own reason
+    got = f"{dtype} / {grad_dtype}" if grad_dtype is not None else str(dtype)
+    hint = ""
+    if torch.bfloat16 in (dtype, grad_dtype) or torch.float16 in (dtype, grad_dtype):
+        hint = (" For bfloat16 / float16 parameters pass master_weights=True (fp32 master weights and "
+                "moments, the parameter written by round-to-nearest-even), or keep the parameters float32 "
+                "and run the forward pass in bf16/fp16 with Program(autocast=...).")
+    raise TypeError(f"replay.optim.{optimizer_name} takes float32 parameters and gradients, got {got}.{hint}")
 
 
 def check_devices(optimizer_name: str, param_groups: list[dict]) -> None:
@@ -55,14 +77,7 @@ def check_param_and_grad(optimizer_name: str, p: torch.Tensor, master_weights: b
         raise RuntimeError(f"replay.optim.{optimizer_name} does not support sparse gradients")
     if p.is_complex() or grad.is_complex():
         raise TypeError(f"replay.optim.{optimizer_name} does not support complex parameters or gradients")
-    if p.dtype != torch.float32 or grad.dtype != torch.float32:
-        hint = ("" if master_weights or p.dtype not in LOW_PRECISION else
-                "; for bfloat16 / float16 parameters pass master_weights=True (fp32 master weights and moments, "
-                "the parameter written by round-to-nearest-even)")
-        raise TypeError(
-            f"replay.optim.{optimizer_name} takes float32 parameters and gradients, got "
-            f"{p.dtype} / {grad.dtype}{hint}"
-        )
+    check_dtype(optimizer_name, p.dtype, grad.dtype, master_weights)
     if grad.device != p.device:
         raise ValueError(f"replay.optim.{optimizer_name}: gradient on {grad.device}, parameter on {p.device}")
     if grad.shape != p.shape:
@@ -221,7 +236,7 @@ class FusedOptimizerMixin:
 
     def add_param_group(self, param_group: dict) -> None:  # noqa: D401 (torch's signature)
         super().add_param_group(param_group)
-        check_param_group(self._replay_name, self.param_groups[-1], self._replay_float_keys)
+        check_param_group(self._replay_name, self.param_groups[-1], self._replay_float_keys, self.master_weights)
         check_devices(self._replay_name, self.param_groups)
 
     @property
@@ -238,10 +253,16 @@ class FusedOptimizerMixin:
             )
         return self._replay_last.resolve() if hasattr(self, "_replay_last") else {}
 
+    def clear_fingerprints(self) -> None:
+        """Forget the last step's fingerprints (`fingerprints` is {} until the next step()).
+        The engine calls this before every training step, so a step in which step() did not
+        run (a GradScaler skipped it) never reports an earlier step's values."""
+        self._replay_last = StepFingerprints()
+
     def _replay_numerics(self, device: torch.device) -> int:
         return _numerics.resolve(self.numerics, device, uses_sqrt=self._replay_uses_sqrt)
 
     def _replay_check_groups(self) -> None:
         # Groups can change after construction (schedulers, user code): check at every step.
         for group in self.param_groups:
-            check_param_group(self._replay_name, group, self._replay_float_keys)
+            check_param_group(self._replay_name, group, self._replay_float_keys, self.master_weights)

@@ -495,7 +495,11 @@ CHECKPOINT_STATE = Obj(
         "optimizer": Any(),
         "components": Any(),
     },
-    optional={"scheduler": Any(), "ema": Any()},
+    optional={"scheduler": Any(), "ema": Any(),
+              # torch.amp.GradScaler.state_dict() (Program.grad_scaler), loaded into a live scaler
+              "scaler": Obj(required={"scale": Num(0, None), "growth_factor": Num(1, None),
+                                      "backoff_factor": Num(0, 1), "growth_interval": Int(1, None),
+                                      "_growth_tracker": Int(0, None)}, closed=True)},
 )
 
 
