@@ -1,6 +1,7 @@
-"""A CIFAR-like run as people train it: a small ResNet on a synthetic 10-class image set (no
-download), random crop and flip in the dataset's __getitem__ built by 2 data-loader workers,
-2 micro-batches per step, gradient-norm clipping, an EMA teacher and OneCycleLR.
+"""A CIFAR-like run as people train it: a small ResNet under bf16 autocast on a synthetic
+10-class image set (no download), random crop and flip in the dataset's __getitem__ built by 2
+data-loader workers, 2 micro-batches per step, gradient-norm clipping, an EMA teacher and
+OneCycleLR.
 
     replay record examples/cifar_like.py:program --seed 1 --out runs/cifar
     replay verify runs/cifar
@@ -86,11 +87,12 @@ program = replay.Program(
     scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=STEPS,
                                                               cycle_momentum=False),
     ema_decay=0.99,
+    autocast="bf16",
     workers=2,
     accumulate=2,
     clip_grad_norm=2.0,
     batch_size=32,
     steps=STEPS,
     checkpoint_every=20,
-    description="CIFAR-like ResNet: crop/flip in 2 workers, 2 micro-batches, clipping, EMA, OneCycleLR",
+    description="CIFAR-like ResNet: bf16 autocast, crop/flip in 2 workers, 2 micro-batches, clipping, EMA, OneCycleLR",
 )

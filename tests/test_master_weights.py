@@ -112,3 +112,24 @@ def test_refusals():
     # without master weights a bf16 parameter is refused, naming the option
     with pytest.raises(TypeError, match="master_weights=True"):
         replay.optim.SGD([p], lr=0.1).step()
+
+
+def test_a_bf16_model_with_master_weights_records_and_verifies(tmp_path):
+    from pathlib import Path
+
+    from replay.session import RecordSession, ReplaySession
+    from replay.store import RunDir
+
+    reference = f"{Path(__file__).parent / 'programs' / 'mixed_precision.py'}:bf16_master"
+    out = tmp_path / "run"
+    RecordSession(reference, out, seed=4, progress=False).run()
+    for start in (0, 5):
+        report = ReplaySession(out).verify(start, None, progress=False)
+        assert report.ok, report.describe()
+    with RunDir.open(out) as run:
+        state = run.load_checkpoint(8)
+    weight = state["model"]["inner.0.weight"]
+    assert weight.dtype == torch.bfloat16
+    index = 0  # inner.0.weight is the first parameter
+    master = state["optimizer"]["state"][index]["master_param"]
+    assert master.dtype == torch.float32 and torch.equal(bits(round_to(master, torch.bfloat16)), bits(weight))

@@ -64,3 +64,27 @@ float32 = dataclasses.replace(bf16, autocast=None)
 fp16 = _program()
 fp16_unscaled = _program(grad_scaler=False)
 fp16_custom = _program(loss=None, step=custom_step, clip_grad_norm=None)
+
+
+# bfloat16 parameters (the whole model in bf16, inputs cast in the loss wrapper) with replay.optim's
+# fp32 master weights: tests/test_master_weights.py records and verifies it.
+def bf16_model():
+    return model().to(torch.bfloat16)
+
+
+def _bf16_loss(output, target):
+    return F.cross_entropy(output.float(), target)
+
+
+class _Bf16Inputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = bf16_model()
+
+    def forward(self, x):
+        return self.inner(x.to(torch.bfloat16))
+
+
+bf16_master = replay.Program(model=_Bf16Inputs, dataset=(x_train, y_train), loss=_bf16_loss,
+                             optimizer=lambda m: replay.optim.AdamW(m.parameters(), lr=1e-2, master_weights=True),
+                             batch_size=BATCH, steps=12, checkpoint_every=4)
