@@ -133,3 +133,24 @@ def test_a_bf16_model_with_master_weights_records_and_verifies(tmp_path):
     index = 0  # inner.0.weight is the first parameter
     master = state["optimizer"]["state"][index]["master_param"]
     assert master.dtype == torch.float32 and torch.equal(bits(round_to(master, torch.bfloat16)), bits(weight))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_master_weights_are_the_same_bits_on_cpu_and_cuda(dtype, name):
+    g = torch.Generator().manual_seed(5)
+    start = torch.randn(4099, generator=g).to(dtype)
+    params = {d: torch.nn.Parameter(start.clone().to(d)) for d in ("cpu", "cuda")}
+    opts = {d: OPTIMIZERS[name]([params[d]], master_weights=True) for d in params}
+    for step in range(4):
+        grad = (torch.randn(4099, generator=g) * 2).to(dtype)
+        grad[step] = float("inf") if step == 3 else grad[step]  # the last step makes NaNs: canonical on both
+        for d in params:
+            params[d].grad = grad.to(d)
+            opts[d].step()
+        assert torch.equal(bits(params["cpu"].detach()), bits(params["cuda"].detach().cpu())), step
+        for key, value in opts["cpu"].state[params["cpu"]].items():
+            assert torch.equal(bits(value), bits(opts["cuda"].state[params["cuda"]][key].cpu())), (step, key)
+        assert opts["cpu"].fingerprints == opts["cuda"].fingerprints
