@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .device import to_device
 from .order import make_policy
 
 
@@ -419,7 +420,7 @@ class RecomputeBn(Perturbation):
         for s in starts:
             batch = program.make_batch(list(range(s, min(n, s + b))))
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            engine.model(inputs)
+            engine.model(to_device(inputs, engine.device))
         engine.model.train(was_training)
         for m, momentum in saved:
             m.momentum = momentum
