@@ -369,7 +369,8 @@ def _engine_at(run: RunDir, program, step: int, progress: bool):
 
 def trace_step(run_dir: str | os.PathLike, step: int, out: str | os.PathLike | None, *, repeat: int = 1,
                threads: list[int] | None = None, progress: bool = True, allow_source_change: bool = False,
-               allow_environment_change: bool = False) -> TraceResult:
+               allow_environment_change: bool = False, allow_device_change: bool = False,
+               device: str | None = None) -> TraceResult:
     """Replay `run_dir` to `step` and trace that step into `out` (JSON lines; None: not
     written). With repeat > 1 the step runs that many times from the same state, with `threads`
     once per thread count; the result then lists the ops whose outputs differ between runs
@@ -380,13 +381,14 @@ def trace_step(run_dir: str | os.PathLike, step: int, out: str | os.PathLike | N
         raise ValueError(f"--repeat {repeat}: must be at least 1")
     if threads is not None and (not threads or any(n < 1 for n in threads)):
         raise ValueError(f"--threads {threads}: thread counts must be positive")
-    writable = allow_source_change or allow_environment_change
+    writable = allow_source_change or allow_environment_change or allow_device_change
     with RunDir.open(run_dir, writable=writable) as run:
         first, last = run.manifest.get("first_step", 0), run.ledger.last_step()
         if last is None or not first <= step <= last:
             recorded = "no steps" if last is None else f"steps {first}..{last}"
             raise TraceError(f"cannot trace step {step} of {run_dir}: it recorded {recorded}")
-        program, _ = load_run_program(run, allow_source_change, allow_environment_change, "trace")
+        program, _ = load_run_program(run, allow_source_change, allow_environment_change, "trace",
+                                      allow_device_change=allow_device_change, device=device)
         engine, diverged = _engine_at(run, program, step, progress)
         row = run.ledger.step_row(step)
         run_id = run.manifest["run_id"]
