@@ -72,6 +72,11 @@ def recorded_device(manifest: dict) -> dict:
     return manifest.get("device") or {"kind": CPU, "device": CPU}
 
 
+def label(entry: dict) -> str:
+    """A manifest device entry for a message: "cpu", or "cuda (NVIDIA H200)"."""
+    return entry["kind"] + (f" ({entry['name']})" if entry.get("name") else "")
+
+
 def describe(device: torch.device) -> dict:
     """The manifest's device entry: the kind, the device as torch names it and, for CUDA, the
     device's name (the GPU model)."""
@@ -159,8 +164,8 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
         if batch.device == device:
             return batch
-        source = batch.pin_memory() if batch.device.type == CPU else batch
-        return source.to(device, non_blocking=True)
+        pin = device.type == CUDA and batch.device.type == CPU
+        return (batch.pin_memory() if pin else batch).to(device, non_blocking=pin)
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(x, device) for x in batch)
     if isinstance(batch, dict):

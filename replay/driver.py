@@ -113,9 +113,8 @@ def check_device(run: RunDir, action: str, allow_device_change: bool, device: st
     kind = device_module.kind_of(target)
     changed = kind != recorded["kind"]
     if changed and not allow_device_change:
-        shown = recorded["kind"] + (f" ({recorded['name']})" if recorded.get("name") else "")
         raise ReplayRefused(
-            f"{run.path} was recorded on {shown} and would be replayed on {kind} ({target}); torch's "
+            f"{run.path} was recorded on {device_module.label(recorded)} and would be replayed on {kind} ({target}); torch's "
             "matrix products and convolutions give other bits on another kind of device, so a replay "
             f"would not reproduce the recording. Replay it on {recorded['kind']}, or allow the change "
             "explicitly (--allow-device-change), which the run records; verify then reports the first "

@@ -29,6 +29,7 @@ from .driver import (  # noqa: F401  (re-exported: the session API predates driv
     root_manifest,
     state_differences,
 )
+from .device import kind_of, label, recorded_device
 from .engine import Engine
 from .program import load_program
 from .store import CorruptRunError, RunDir, RunError
@@ -155,7 +156,8 @@ class RecordSession:
 class VerifyReport:
     """What `verify` found: the steps replayed, the checkpoint restored from, the first
     divergence from the ledger, the stored checkpoints compared with the replayed state (and
-    those that differ), and the damaged files (a run with damage is not replayed)."""
+    those that differ), and the damaged files (a run with damage is not replayed). `devices`
+    is (recorded, replayed on) when an allowed device change put the replay on another kind."""
 
     start: int
     end: int
@@ -164,16 +166,22 @@ class VerifyReport:
     checkpoints_compared: list[int] = field(default_factory=list)
     checkpoint_mismatches: dict[int, dict[str, list[str]]] = field(default_factory=dict)
     damaged: list[str] = field(default_factory=list)
+    devices: tuple[str, str] | None = None
 
     @property
     def ok(self) -> bool:
         return self.divergence is None and not self.checkpoint_mismatches and not self.damaged
 
     def describe(self) -> str:
+        note = []
+        if self.devices is not None:
+            note = [f"note: recorded on {self.devices[0]}, replayed on {self.devices[1]} (an allowed device change): "
+                    "the comparison is bit for bit as always; torch's matrix products and convolutions are not "
+                    "promised to agree across kinds of device, replay's own ops are"]
         if self.ok:
             origin = "a fresh start" if self.restored_from is None else f"checkpoint {self.restored_from}"
-            return (f"OK: steps {self.start}..{self.end - 1} replay bit for bit (from {origin}); "
-                    f"{len(self.checkpoints_compared)} stored checkpoints equal the replayed state")
+            return "\n".join([f"OK: steps {self.start}..{self.end - 1} replay bit for bit (from {origin}); "
+                              f"{len(self.checkpoints_compared)} stored checkpoints equal the replayed state"] + note)
         lines = []
         if self.damaged:
             lines.append(f"DAMAGED: {len(self.damaged)} problem(s) with the run's files:")
@@ -183,7 +191,7 @@ class VerifyReport:
         for step, parts in sorted(self.checkpoint_mismatches.items()):
             shown = "; ".join(f"{k}: {', '.join(v[:6])}" + (" ..." if len(v) > 6 else "") for k, v in parts.items())
             lines.append(f"stored checkpoint {step} differs from the replayed state ({shown})")
-        return "\n".join(lines)
+        return "\n".join(lines + note)
 
 
 def verify_files(run_dir: str | os.PathLike) -> list[str]:
@@ -265,5 +273,9 @@ class ReplaySession:
             finally:
                 if bar is not None:
                     bar.close()
+            recorded = recorded_device(run.manifest)
+            devices = None
+            if kind_of(program.device) != recorded["kind"]:
+                devices = (label(recorded), program.device)
             return VerifyReport(start=start, end=end, restored_from=restored_from, divergence=divergence,
-                                checkpoints_compared=compared, checkpoint_mismatches=mismatches)
+                                checkpoints_compared=compared, checkpoint_mismatches=mismatches, devices=devices)
