@@ -185,6 +185,8 @@ def _inspect_data(run: RunDir) -> dict:
         "dataset_size": m["dataset_size"],
         "order": m["order"],
         "optimizer": m["optimizer"],
+        # replay.device.recorded_device's rule (not imported: inspect loads no torch)
+        "device": m.get("device") or {"kind": "cpu", "device": "cpu"},
         "rng": m["rng"],
         "checkpoints": sorted(ledger.checkpoints()),
         "epoch_order_hashes": {str(k): v for k, v in sorted(ledger.epochs().items())},
@@ -206,6 +208,8 @@ def _cmd_inspect(args) -> int:
           f"of {data['dataset_size']} examples")
     print(f"order        {json.dumps(data['order'])[:120]}")
     print(f"optimizer    {data['optimizer']['class']} (numerics {data['optimizer']['numerics']})")
+    device = data["device"]
+    print(f"device       {device['device']}" + (f" ({device['name']})" if device.get("name") else ""))
     print(f"rng streams  {', '.join(data['rng']['streams'])}")
     print(f"checkpoints  {data['checkpoints']}")
     print("epoch order hashes")

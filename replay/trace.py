@@ -252,13 +252,13 @@ class OpTracer(TorchDispatchMode):
         return out
 
 
-def _header(run: str | os.PathLike, run_id: str, step: int, variant: str | None) -> dict:
+def _header(run: str | os.PathLike, run_id: str, step: int, variant: str | None, device_kind: str) -> dict:
     """A trace file's first line: what was traced, and where (threads, environment)."""
     from . import environment as env_module
 
     return {"format": TRACE_FORMAT, "version": TRACE_VERSION, "run": str(run), "run_id": run_id, "step": step,
             **({"variant": variant} if variant is not None else {}), "threads": torch.get_num_threads(),
-            "environment": env_module.environment()}
+            "environment": env_module.environment(device_kind)}
 
 
 class _TraceWriter:
@@ -402,7 +402,7 @@ def trace_step(run_dir: str | os.PathLike, step: int, out: str | os.PathLike | N
             engine.load_state_dict(copy.deepcopy(state))
         if threads:
             torch.set_num_threads(threads[k])
-        header = _header(run_dir, run_id, step, variant if len(variants) > 1 else None)
+        header = _header(run_dir, run_id, step, variant if len(variants) > 1 else None, engine.device.type)
         ops: list[dict] = []
         writer = _TraceWriter(out, header) if (out is not None and k == 0) else None
 
@@ -696,7 +696,7 @@ def recording_traces(run: RunDir, engine, steps):
         if step not in wanted or step in done:
             yield
             return
-        header = _header(run.path, run.manifest["run_id"], step, "recording")
+        header = _header(run.path, run.manifest["run_id"], step, "recording", engine.device.type)
         target = folder / stored_trace_name(step)
         no_link(str(target))
         writer = _TraceWriter(target, header)

@@ -264,6 +264,13 @@ def test_fork_and_resume_on_another_kind_when_allowed(claimed, tmp_path):
     assert "resume:device_change_allowed" in events(claimed)
 
 
+def test_inspect_shows_the_device(claimed, capsys):
+    assert cli(["inspect", str(claimed)]) == 0
+    assert "device       cuda:0 (Imaginary GPU)\n" in capsys.readouterr().out
+    assert cli(["inspect", str(GOLDEN), "--json"]) == 0  # recorded before devices: a CPU run
+    assert json.loads(capsys.readouterr().out)["device"] == {"kind": "cpu", "device": "cpu"}
+
+
 def test_load_run_program_puts_the_program_on_the_replay_device(claimed):
     with RunDir.open(claimed, writable=True) as run:
         program, _ = load_run_program(run, False, False, "verify", allow_device_change=True, device="cpu")
