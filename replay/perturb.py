@@ -894,7 +894,8 @@ class WeightNoise(Perturbation):
         generator = torch.Generator().manual_seed(seed & ((1 << 63) - 1))
         targets = [_named_parameter(engine, self.values["param"])[1]] if self.values["param"] else list(engine.model.parameters())
         for p in targets:
-            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * float(self.values["std"]))
+            # Drawn on the CPU (the same noise on every device), added where the parameter lives.
+            p.add_((torch.randn(p.shape, generator=generator, dtype=p.dtype) * float(self.values["std"])).to(p.device))
 
 
 @_register

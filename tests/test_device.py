@@ -590,3 +590,56 @@ def test_a_cuda_run_verified_on_the_cpu_reports_honestly(cuda_run, tmp_path):
         assert report.ok, report.describe()
     else:
         assert not report.ok and report.divergence.step == parted, report.describe()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_probe_evaluation_of_a_cuda_model():
+    """Experiments evaluate their probe on the model's device and keep the results on the CPU."""
+    from replay.experiment.probe import Recorder, evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to("cuda")
+    x = torch.randn(5, 8)
+    out = evaluate(model, x, "1")
+    assert out["logits"].device.type == "cpu" and out["rep"].device.type == "cpu"
+    with torch.no_grad():
+        assert same_bits(out["logits"], model(x.to("cuda")).float().cpu())
+
+    class Stub:
+        completed = 2
+
+    Stub.model = model
+    recorder = Recorder(x, None, {2})
+    recorder(Stub)
+    assert all(t.device.type == "cpu" for t in recorder.tensors.values()) and "logits@2" in recorder.tensors
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", ["weight_noise:std=0.01", "bitflip:param=0.weight,index=3,bit=7", "reset_ema",
+                                  "reset_bn", "recompute_bn"])
+def test_perturbations_act_on_cuda_state_as_on_cpu_state(spec):
+    """Perturbations that write the state from its own values or from CPU draws give the same
+    bits on both devices (recompute_bn runs the model: there only that it runs is checked)."""
+    from replay.perturb import from_spec
+
+    program = load_program(DEVICE_MLP)[0]
+    trained = Engine(program, Engine.contract_for(program))
+    for _ in range(3):  # a state whose EMA, BatchNorm statistics and moments are not their initial values
+        trained.run_step()
+    state = device_module.host_copy(trained.state_dict())
+    engines = [Engine(program.with_overrides(device=d), Engine.contract_for(program)) for d in ("cpu", "cuda")]
+    for engine in engines:
+        engine.load_state_dict(copy.deepcopy(state))
+    before = [engine.fingerprints(use_optimizer=False) for engine in engines]
+    assert before[0] == before[1]  # restored onto either device: the same bits
+    for engine in engines:
+        p = from_spec(spec, start=3)
+        p.check(engine)
+        p.apply(engine)
+    after = [engine.fingerprints(use_optimizer=False) for engine in engines]
+    assert after[0] != before[0] and after[1] != before[1]
+    if spec != "recompute_bn":
+        assert after[0] == after[1]
+    assert all(t.device.type == "cuda" for t in engines[1].model.state_dict().values())
