@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -77,6 +78,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def digests(path) -> list[tuple[int, int]]:
     with RunDir.open(path) as run:
         return [(r.step, r.digest) for r in run.ledger.rows()]
+
+
+def rows_of(path) -> list[tuple]:
+    """What verify compares of each ledger row: step, batch, loss (its bits), digest."""
+    with RunDir.open(path) as run:
+        return [(r.step, r.batch_ids, None if r.loss is None else struct.pack("<d", r.loss), r.digest)
+                for r in run.ledger.rows()]
 
 
 def record(out, reference=DEVICE_MLP, **kw) -> Path:
@@ -391,7 +399,7 @@ def test_require_cuda_turns_a_skipped_cuda_test_into_a_failure():
 
 
 def _opt_pair(make, params_cpu):
-    params_cuda = [p.detach().to("cuda").requires_grad_() for p in params_cpu]
+    params_cuda = [p.detach().clone().to("cuda").requires_grad_() for p in params_cpu]
     return make(params_cpu), make(params_cuda), params_cuda
 
 
@@ -479,9 +487,11 @@ def test_the_engine_keeps_state_on_the_device_and_starts_from_the_cpu_bits():
         assert state["step"].device.type == "cpu"  # torch.optim's convention (not capturable)
 
 
-@pytest.fixture(scope="module")
-def cuda_run(tmp_path_factory):
-    return record(tmp_path_factory.mktemp("cuda") / "run", device="cuda")
+@pytest.fixture
+def cuda_run(tmp_path):
+    # Per test, not per module: a fixture set up before process_settings would leave torch's
+    # deterministic mode on for the test files after this one.
+    return record(tmp_path / "cuda_run", device="cuda")
 
 
 @pytest.mark.cuda
@@ -581,9 +591,10 @@ def test_a_cuda_run_verified_on_the_cpu_reports_honestly(cuda_run, tmp_path):
     CPU recording of the same program parts from the CUDA one (or none, if it never does)."""
     with pytest.raises(ReplayRefused, match="--allow-device-change"):
         ReplaySession(cuda_run, device="cpu").verify(progress=False)
-    on_cpu = digests(record(tmp_path / "cpu"))
-    on_cuda = digests(cuda_run)
-    parted = next((s for (s, a), (_, b) in zip(on_cpu, on_cuda) if a != b), None)
+    on_cpu = rows_of(record(tmp_path / "cpu"))
+    on_cuda = rows_of(cuda_run)
+    assert [r[0] for r in on_cpu] == [r[0] for r in on_cuda] == list(range(20))
+    parted = next((a[0] for a, b in zip(on_cpu, on_cuda) if a != b), None)
     report = ReplaySession(cuda_run, device="cpu", allow_device_change=True).verify(progress=False)
     assert report.devices is not None and "replayed on cpu" in report.describe()
     if parted is None:
