@@ -47,7 +47,7 @@ def _cmd_record(args) -> int:
     _positive("--checkpoint-every", args.checkpoint_every)
     dropped = _example_ids(args.drop_examples, args.drop_examples_file, "--drop-examples", required=False)
     traced = _int_list(args.trace_steps, "--trace-steps", minimum=0) if args.trace_steps is not None else []
-    out = RecordSession(args.program, args.out, seed=args.seed, steps=args.steps,
+    out = RecordSession(args.program, args.out, seed=args.seed, steps=args.steps, device=args.device,
                         checkpoint_every=args.checkpoint_every,
                         checkpoint_log_spaced=True if args.log_spaced else None,
                         progress=not args.no_progress, drop_examples=dropped, trace_steps=traced).run()
@@ -61,7 +61,7 @@ def _cmd_resume(args) -> int:
     from .session import RecordSession
 
     out = RecordSession.resume(args.run, progress=not args.no_progress, allow_source_change=args.allow_source_change,
-                               allow_environment_change=args.allow_environment_change)
+                               allow_environment_change=args.allow_environment_change, **_device_args(args))
     print(f"resumed and completed {out}")
     return 0
 
@@ -85,21 +85,28 @@ def _cmd_verify(args) -> int:
 
         if args.start is not None or args.end is not None:
             raise ValueError("--certificate replays the whole child; it takes no --from / --to")
+        if args.device is not None or args.allow_device_change:
+            raise ValueError("--certificate replays the child on the device it was recorded on; it takes no "
+                             "--device / --allow-device-change")
         checked = check_certificate(args.run, progress=not args.no_progress,
                                     allow_source_change=args.allow_source_change,
                                     allow_environment_change=args.allow_environment_change)
         print(checked.describe())
         return 0 if checked.ok else 1
     session = ReplaySession(args.run, allow_source_change=args.allow_source_change,
-                            allow_environment_change=args.allow_environment_change)
+                            allow_environment_change=args.allow_environment_change, **_device_args(args))
     report = session.verify(args.start, args.end, progress=not args.no_progress)
     print(report.describe())
     if report.divergence is not None:
         from .trace import explain_divergence
 
         print(explain_divergence(args.run, report.divergence.step, allow_source_change=args.allow_source_change,
-                                 allow_environment_change=args.allow_environment_change))
+                                 allow_environment_change=args.allow_environment_change, **_device_args(args)))
     return 0 if report.ok else 1
+
+
+def _device_args(args) -> dict:
+    return {"device": args.device, "allow_device_change": args.allow_device_change}
 
 
 def _int_list(text: str, flag: str, minimum: int) -> list[int]:
@@ -136,7 +143,7 @@ def _cmd_trace(args) -> int:
         check_trace_out(args.out, force=args.force)
     result = trace_step(args.run, args.step, args.out, repeat=args.repeat or 1, threads=threads,
                         progress=not args.no_progress, allow_source_change=args.allow_source_change,
-                        allow_environment_change=args.allow_environment_change)
+                        allow_environment_change=args.allow_environment_change, **_device_args(args))
     if args.out is not None:
         print(f"traced step {args.step} of {args.run}: {result.ops} ops into {args.out}")
     if result.diverged_before is not None:
@@ -178,6 +185,8 @@ def _inspect_data(run: RunDir) -> dict:
         "dataset_size": m["dataset_size"],
         "order": m["order"],
         "optimizer": m["optimizer"],
+        # replay.device.recorded_device's rule (not imported: inspect loads no torch)
+        "device": m.get("device") or {"kind": "cpu", "device": "cpu"},
         "rng": m["rng"],
         "checkpoints": sorted(ledger.checkpoints()),
         "epoch_order_hashes": {str(k): v for k, v in sorted(ledger.epochs().items())},
@@ -199,6 +208,8 @@ def _cmd_inspect(args) -> int:
           f"of {data['dataset_size']} examples")
     print(f"order        {json.dumps(data['order'])[:120]}")
     print(f"optimizer    {data['optimizer']['class']} (numerics {data['optimizer']['numerics']})")
+    device = data["device"]
+    print(f"device       {device['device']}" + (f" ({device['name']})" if device.get("name") else ""))
     print(f"rng streams  {', '.join(data['rng']['streams'])}")
     print(f"checkpoints  {data['checkpoints']}")
     print("epoch order hashes")
@@ -240,7 +251,7 @@ def _cmd_fork(args) -> int:
         raise ValueError(f"--window {args.window}: longer than the {end - args.at} steps the child runs")
     session = ForkSession(args.run, args.at, progress=not args.no_progress,
                           allow_source_change=args.allow_source_change,
-                          allow_environment_change=args.allow_environment_change)
+                          allow_environment_change=args.allow_environment_change, **_device_args(args))
     out = session.fork(args.out, args.perturb, window=args.window, steps=args.steps, until=args.until)
     print(f"forked {args.run} at step {args.at} into {out}")
     return 0
@@ -486,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replay although the program's source changed (recorded in the run)")
         p.add_argument("--allow-environment-change", action="store_true",
                        help="replay although the environment differs (recorded in the run)")
+        p.add_argument("--device", metavar="DEVICE",
+                       help="replay on this device (cpu, cuda, cuda:N; default: the one the run was recorded on)")
+        p.add_argument("--allow-device-change", action="store_true",
+                       help="replay on another kind of device than the recorded one (recorded in the run); "
+                            "the bits may differ, and verify reports where")
 
     p = sub.add_parser("record", help="record a program into a new run directory")
     p.add_argument("program", help="module:attribute or path/to/file.py:attribute")
@@ -499,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-examples-file", metavar="FILE", help="the ids to leave out, from a file")
     p.add_argument("--trace-steps", metavar="STEPS",
                    help="trace these steps op by op into the run (e.g. 0,100): references for `verify` elsewhere")
+    p.add_argument("--device", metavar="DEVICE", help="run on this device instead of the program's (cpu, cuda, cuda:N)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_record)
 

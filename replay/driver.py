@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import device as device_module
 from . import environment as env_module
 from .engine import Engine, StepRecord, nested_fingerprints
 from .order import batch_hash
@@ -36,8 +37,8 @@ __all__ = [
 
 
 class ReplayRefused(RunError):
-    """A replay or resume that would not reproduce the recording (changed program source or
-    environment) and was not explicitly allowed."""
+    """A replay or resume that would not reproduce the recording (changed program source,
+    environment or device kind) and was not explicitly allowed."""
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -52,15 +53,19 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 
 def load_run_program(run: RunDir, allow_source_change: bool, allow_environment_change: bool,
-                     action: str) -> tuple[Program, str]:
-    """The program `run` was recorded with (its seed, length and schedule) and the SHA-256 of
-    the source it was loaded from.
+                     action: str, *, allow_device_change: bool = False,
+                     device: str | None = None) -> tuple[Program, str]:
+    """The program `run` was recorded with (its seed, length, schedule and device: `device`
+    if given, else the recorded one) and the SHA-256 of the source it was loaded from.
 
     Nothing is executed before the checks: the reference is resolved to its file without
     importing it, the file must lie outside the run directory, the file's hash is compared with the manifest's (ReplayRefused unless
-    `allow_source_change`), the environment is compared (ReplayRefused unless
-    `allow_environment_change`), the attribute must be defined in that file, and only then is
-    the file executed. An allowed change is recorded as an event (the run must be writable)."""
+    `allow_source_change`), the device kind is compared (ReplayRefused unless
+    `allow_device_change`), the device must exist here, the environment is compared
+    (ReplayRefused unless `allow_environment_change`; on an allowed device change the keys the
+    device sets are the device's business), the attribute must be defined in that file, and
+    only then is the file executed. An allowed change is recorded as an event (the run must be
+    writable)."""
     manifest = run.manifest
     recorded = manifest["program"]
     resolved = resolve_reference(recorded["reference"])
@@ -79,7 +84,12 @@ def load_run_program(run: RunDir, allow_source_change: bool, allow_environment_c
                 "file, or allow the change explicitly (--allow-source-change), which the run records."
             )
         run.ledger.add_event(f"{action}:source_change_allowed", {"recorded": recorded["sha256"], "now": resolved.sha256})
-    diffs = env_module.differences(manifest["environment"], env_module.environment())
+    target = check_device(run, action, allow_device_change, device)
+    # The deterministic settings are applied before the environment is read: it records them.
+    device_module.prepare(target)
+    diffs = env_module.differences(manifest["environment"], env_module.environment(device_module.kind_of(target)))
+    if device_module.kind_of(target) != device_module.recorded_device(manifest)["kind"]:
+        diffs = {k: v for k, v in diffs.items() if k not in device_module.DEVICE_ENVIRONMENT_KEYS}
     if diffs:
         if not allow_environment_change:
             shown = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diffs.items())
@@ -90,14 +100,45 @@ def load_run_program(run: RunDir, allow_source_change: bool, allow_environment_c
             )
         run.ledger.add_event(f"{action}:environment_change_allowed", {k: list(v) for k, v in diffs.items()})
     program, source = load_program(recorded["reference"], expected_sha256=resolved.sha256)
-    return program_as_recorded(program, manifest), source.sha256
+    return program_as_recorded(program, manifest, device=target), source.sha256
 
 
-def program_as_recorded(program: Program, manifest: dict) -> Program:
-    """The program with the seed, length and checkpoint schedule the run was recorded with."""
+def check_device(run: RunDir, action: str, allow_device_change: bool, device: str | None) -> str:
+    """The device a replay of `run` runs on: `device` if given (checked), else the one the run
+    was recorded on. Another kind than the recorded one is refused unless `allow_device_change`
+    (then recorded as an event): replay's own ops give the same bits on every device, torch's
+    GEMMs and convolutions do not. DeviceUnavailable if the device does not exist here."""
+    recorded = device_module.recorded_device(run.manifest)
+    target = recorded["device"] if device is None else device_module.check_spec(device)
+    kind = device_module.kind_of(target)
+    changed = kind != recorded["kind"]
+    if changed and not allow_device_change:
+        raise ReplayRefused(
+            f"{run.path} was recorded on {device_module.label(recorded)} and would be replayed on {kind} ({target}); torch's "
+            "matrix products and convolutions give other bits on another kind of device, so a replay "
+            f"would not reproduce the recording. Replay it on {recorded['kind']}, or allow the change "
+            "explicitly (--allow-device-change), which the run records; verify then reports the first "
+            "divergence, if any.")
+    try:
+        device_module.check_available(target)
+    except device_module.DeviceUnavailable as error:
+        if device is not None:
+            raise
+        raise device_module.DeviceUnavailable(
+            f"{run.path} was recorded on {target}: {error} (--device names another device of the same kind; "
+            "--device cpu --allow-device-change replays on the CPU, without the promise of the same bits)") from None
+    if changed:
+        run.ledger.add_event(f"{action}:device_change_allowed", {"recorded": recorded, "now": target})
+    return target
+
+
+def program_as_recorded(program: Program, manifest: dict, device: str | None = None) -> Program:
+    """The program with the seed, length and checkpoint schedule the run was recorded with, on
+    `device` (default: the one the run was recorded on)."""
     return program.with_overrides(seed=manifest["seed"], steps=manifest["steps"],
                                   checkpoint_every=manifest["checkpoints"]["every"],
-                                  checkpoint_log_spaced=manifest["checkpoints"]["log_spaced"])
+                                  checkpoint_log_spaced=manifest["checkpoints"]["log_spaced"],
+                                  device=device or device_module.recorded_device(manifest)["device"])
 
 
 def engine_for_run(run: RunDir | dict, program: Program, extra_perturbations=()) -> Engine:
@@ -131,7 +172,8 @@ def fresh_engine(run: RunDir, program: Program) -> Engine:
 
 def _common(engine: Engine) -> dict:
     return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "run_id": uuid.uuid4().hex,
-            "environment": env_module.environment()}
+            "device": device_module.describe(engine.device),
+            "environment": env_module.environment(engine.device.type)}
 
 
 def root_manifest(program: Program, source: ProgramSource, engine: Engine, dropped_examples=(),
@@ -317,14 +359,12 @@ class _CheckpointWriter:
         self.in_flight: tuple[int, object] | None = None
 
     def submit(self, step: int, state: dict) -> None:
-        import copy
-
         from .store.checkpoint import write_checkpoint
 
         self.collect(block=True)
         if self.run.ledger.checkpoint_files(step) is not None:
             self.run.ledger.remove_checkpoint(step)
-        snapshot = copy.deepcopy(state)
+        snapshot = device_module.host_copy(state)  # on the host: the device keeps training
         self.in_flight = (step, self.pool.submit(write_checkpoint, self.run.checkpoints_dir, step, snapshot))
 
     def collect(self, block: bool = False) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import device as device_module
 from .ema import EMA
 from .fingerprinting import combine_state, fingerprints
 from .optim._common import FusedOptimizerMixin, state_indices
@@ -53,7 +54,7 @@ def _json_hash(obj) -> int:
 
 def _nested_parts(state) -> tuple[list[tuple[str, torch.Tensor]], int]:
     """A nested state's tensors by path (sorted) and the hash of everything that is not a tensor."""
-    skeleton, tensors = flatten_state(state)
+    skeleton, tensors = flatten_state(state, copy=False)  # hashed where they live (on the device)
     return [(n, tensors[n]) for n in sorted(tensors)], _json_hash(skeleton)
 
 
@@ -130,6 +131,9 @@ class Engine:
         self.policy = make_policy(program.order if order_spec is None else order_spec,
                                   program.dataset_size(), program.batch_size, contract)
         self.completed = 0
+        # Checked before anything is built (or a run directory made), and for CUDA under the
+        # deterministic settings from the start.
+        self.device = device_module.prepare(program.device)
         # step -> a context manager around the step function (replay.trace's op tracer), or None
         self.step_context = None
         self._worker_batches = None  # replay.workers.WorkerBatches, started with the first batch
@@ -145,7 +149,9 @@ class Engine:
     def _build(self) -> None:
         # Every factory runs with torch's generators seeded from the "init" stream.
         torch.manual_seed(self.contract.seed("init", 0))
-        self.model = self.program.model()
+        # Built on the CPU (the same initial bits on every device), then moved before the
+        # optimizer, EMA and components are made from it, so their state lives there too.
+        self.model = self.program.model().to(self.device)
         self.optimizer = self.program.optimizer(self.model)
         self.scheduler = self.program.scheduler(self.optimizer) if self.program.scheduler else None
         self.ema = EMA(self.model, self.program.ema_decay) if self.program.ema_decay is not None else None
@@ -239,7 +245,7 @@ class Engine:
                 raise PerturbationRefused(f"{ps[0].name}: micro_step {index}, but step {t} has {parts} micro-batch(es) "
                                           f"(Program.accumulate = {self.program.accumulate}, {len(ids)} examples)")
         epoch = self.policy.epoch_of(t)
-        batch = self.batch_from(plan)
+        batch = device_module.to_device(self.batch_from(plan), self.device)
         generators = self.seed_step(t)
         tokens = [(p, p.begin_step(self, t)) for p in active]
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
@@ -258,7 +264,13 @@ class Engine:
             self.scaler.skipped = False
             loss_scale = self.scaler.get_scale()
         with self.step_context(t) if self.step_context is not None else contextlib.nullcontext():
-            result = (self.program.step or default_step)(ctx)
+            try:
+                result = (self.program.step or default_step)(ctx)
+            except RuntimeError as error:
+                refused = device_module.nondeterministic_op(error)
+                if refused is not None:
+                    raise refused from error
+                raise
             if ctx.micro_hooks:
                 index = min(ctx.micro_hooks)
                 raise PerturbationRefused(
@@ -335,7 +347,7 @@ class Engine:
 
         result = {"model": model_fps, "optimizer": optimizer_fps}
         if self.scheduler is not None:
-            result["scheduler"] = {"state": _json_hash(flatten_state(self.scheduler.state_dict())[0])}
+            result["scheduler"] = {"state": _json_hash(flatten_state(self.scheduler.state_dict(), copy=False)[0])}
         if self.scaler is not None:
             result["scaler"] = self.scaler.fingerprints(_json_hash)
         if self.ema is not None:
@@ -391,8 +403,8 @@ class Engine:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        for name, component in self.components.items():
-            component.load_state_dict(state["components"][name])
+        for name, component in self.components.items():  # each tensor back where the component keeps it
+            component.load_state_dict(device_module.like(state["components"][name], component.state_dict()))
         if self.scaler is not None:
             self.scaler.load_state_dict(scaler_state)
 

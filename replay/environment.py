@@ -2,7 +2,8 @@
 
 A run records it; a replay under a different one is refused unless explicitly allowed (and the
 run then records that it was allowed), because a different torch build, CPU dispatch level,
-thread count or determinism setting can legitimately produce different bits.
+thread count or determinism setting can legitimately produce different bits. The device kind a
+program runs on, and for CUDA the cuBLAS workspace configuration, are part of it (replay.device).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import torch
 INFORMATIONAL = ("python", "hostname")
 
 
-def environment() -> dict:
-    """The current environment, as a JSON-serializable dict."""
+def environment(device_kind: str = "cpu") -> dict:
+    """The current environment of a program running on a device of `device_kind`, as a
+    JSON-serializable dict."""
     from . import __version__
+    from .device import environment_entries
 
     env = {
         "replay": __version__,
@@ -39,11 +42,14 @@ def environment() -> dict:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
         else [],
+        **environment_entries(device_kind),
     }
     return env
 
 
 def differences(recorded: dict, current: dict) -> dict[str, tuple]:
-    """{key: (recorded, current)} for every key that differs and can change bits."""
+    """{key: (recorded, current)} for every key that differs and can change bits. A run
+    recorded before the environment named its device ran on the CPU."""
+    recorded = {"device": "cpu", **recorded}
     keys = (set(recorded) | set(current)) - set(INFORMATIONAL)
     return {k: (recorded.get(k), current.get(k)) for k in sorted(keys) if recorded.get(k) != current.get(k)}

@@ -57,18 +57,20 @@ class ForkSession:
     """The state of a recorded run at step `at`, ready to be forked any number of times."""
 
     def __init__(self, parent: str | os.PathLike, at: int, *, allow_source_change: bool = False,
-                 allow_environment_change: bool = False, progress: bool = True):
+                 allow_environment_change: bool = False, allow_device_change: bool = False,
+                 device: str | None = None, progress: bool = True):
         self.parent = Path(parent)
         self.at = at
         self.progress = progress
-        writable = allow_source_change or allow_environment_change
+        writable = allow_source_change or allow_environment_change or allow_device_change
         with RunDir.open(self.parent, writable=writable) as run:
             self.manifest = run.manifest
             first = self.manifest.get("first_step", 0)
             last = run.ledger.last_step()
             if last is None or not first <= at <= last + 1:
                 raise ForkError(f"cannot fork {self.parent} at step {at}: it recorded steps {first}..{last}")
-            self.program, self._sha256 = load_run_program(run, allow_source_change, allow_environment_change, "fork")
+            self.program, self._sha256 = load_run_program(run, allow_source_change, allow_environment_change, "fork",
+                                                          allow_device_change=allow_device_change, device=device)
             restored = run.latest_checkpoint_at_or_before(at)
             if restored is None:
                 raise ForkError(f"{self.parent}: no checkpoint at or before step {at}")
@@ -93,7 +95,8 @@ class ForkSession:
         # (A program referenced as an installed module is imported once per process.)
         # The file is executed again only if it still hashes as it did when the session opened.
         parent = self.manifest
-        program = program_as_recorded(load_program(parent["program"]["reference"], self._sha256)[0], parent)
+        program = program_as_recorded(load_program(parent["program"]["reference"], self._sha256)[0], parent,
+                                      device=self.program.device)
         engine = engine_for_run(parent, program, perturbations)
         engine.load_state_dict(copy.deepcopy(self.state))
         return engine
@@ -167,10 +170,12 @@ class ForkSession:
         return PlaceboReport(self.at, end, None)
 
 
-def restart_child(child: RunDir, *, allow_source_change: bool = False, allow_environment_change: bool = False) -> Engine:
+def restart_child(child: RunDir, *, allow_source_change: bool = False, allow_environment_change: bool = False,
+                  allow_device_change: bool = False, device: str | None = None) -> Engine:
     """The engine a fork starts from (its parent's state at the fork step, its perturbations
-    applied), rebuilt from the parent: for a child killed before its first checkpoint was
-    recorded. RunError if the parent is gone or changed since the fork."""
+    applied), rebuilt from the parent (on `device`, default the parent's): for a child killed
+    before its first checkpoint was recorded. RunError if the parent is gone or changed since
+    the fork."""
     manifest = child.manifest
     lineage = manifest["lineage"]
     parent = parent_of(child.path, manifest)
@@ -178,7 +183,8 @@ def restart_child(child: RunDir, *, allow_source_change: bool = False, allow_env
         raise RunError(f"{child.path}: no checkpoint is recorded and the parent {parent} is gone; "
                        "the fork cannot be restarted")
     session = ForkSession(parent, lineage["fork_step"], progress=False, allow_source_change=allow_source_change,
-                          allow_environment_change=allow_environment_change)
+                          allow_environment_change=allow_environment_change,
+                          allow_device_change=allow_device_change, device=device)
     if session.manifest.get("run_id") != lineage["parent_id"] or session.parent_digest != lineage["parent_digest"]:
         raise RunError(f"{child.path}: no checkpoint is recorded and the parent {parent} changed since the fork; "
                        "the fork cannot be restarted faithfully")

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .device import to_device
 from .order import make_policy
 
 
@@ -446,7 +447,7 @@ class RecomputeBn(Perturbation):
         for s in starts:
             batch = program.make_batch(list(range(s, min(n, s + b))))  # draws from the globals seeded above
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            engine.model(inputs)
+            engine.model(to_device(inputs, engine.device))
         engine.model.train(was_training)
         for m, momentum in saved:
             m.momentum = momentum
@@ -920,7 +921,8 @@ class WeightNoise(Perturbation):
         generator = torch.Generator().manual_seed(seed & ((1 << 63) - 1))
         targets = [_named_parameter(engine, self.values["param"])[1]] if self.values["param"] else list(engine.model.parameters())
         for p in targets:
-            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * float(self.values["std"]))
+            # Drawn on the CPU (the same noise on every device), added where the parameter lives.
+            p.add_((torch.randn(p.shape, generator=generator, dtype=p.dtype) * float(self.values["std"])).to(p.device))
 
 
 @_register

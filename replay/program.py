@@ -156,6 +156,9 @@ class Program:
     checkpoint_every / checkpoint_log_spaced: the checkpoint schedule (always also at the first
                 and the last step).
     collate:    list of examples -> batch; stacks tensors field by field by default.
+    device:     "cpu" (default), "cuda" or "cuda:N" (replay.device): the model is built on the
+                CPU, then it, the optimizer, EMA and components live on the device and batches
+                move there. A step function that makes tensors puts them on ctx.model's device.
     """
 
     model: Callable[[], torch.nn.Module]
@@ -175,6 +178,7 @@ class Program:
     steps: int = 100
     order: Any = "reshuffle"
     seed: int = 0
+    device: str = "cpu"
     streams: tuple[str, ...] = ()
     checkpoint_every: int = 100
     checkpoint_log_spaced: bool = False
@@ -193,6 +197,11 @@ class Program:
                 raise ValueError(f"Program.{name} must be a positive int, got {value!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Program.seed must be a non-negative int, got {self.seed!r}")
+        from .device import check_spec
+
+        # The name only: availability is checked where the device is used, so a file naming
+        # "cuda" still loads on a CPU machine (to replay there with an explicit allowance).
+        check_spec(self.device)
         if self.ema_decay is not None and not (
             isinstance(self.ema_decay, (int, float)) and math.isfinite(self.ema_decay) and 0 <= self.ema_decay <= 1
         ):

@@ -29,6 +29,7 @@ from .driver import (  # noqa: F401  (re-exported: the session API predates driv
     root_manifest,
     state_differences,
 )
+from .device import kind_of, label, recorded_device
 from .engine import Engine
 from .program import load_program
 from .store import CorruptRunError, RunDir, RunError
@@ -48,18 +49,19 @@ class RecordSession:
 
     `drop_examples` leaves those example ids out of every batch from step 0 (batches shrink): the
     recording `replay forget` is defined to equal. `trace_steps` are traced op by op into the
-    run's traces/ folder (replay.trace), references for diffing a later divergence.
+    run's traces/ folder (replay.trace), references for diffing a later divergence. `device`
+    replaces the program's own (Program.device).
     """
 
     def __init__(self, reference: str, out: str | os.PathLike, *, seed: int | None = None,
                  steps: int | None = None, checkpoint_every: int | None = None,
                  checkpoint_log_spaced: bool | None = None, progress: bool = True, drop_examples=(),
-                 trace_steps=()):
+                 trace_steps=(), device: str | None = None):
         program, source = load_program(reference)
         self.drop_examples = sorted(set(drop_examples or ()))
         self.trace_steps = sorted(set(trace_steps or ()))
         self.program = program.with_overrides(seed=seed, steps=steps, checkpoint_every=checkpoint_every,
-                                              checkpoint_log_spaced=checkpoint_log_spaced)
+                                              checkpoint_log_spaced=checkpoint_log_spaced, device=device)
         self.source = source
         self.out = Path(out)
         self.progress = progress
@@ -82,7 +84,8 @@ class RecordSession:
 
     @staticmethod
     def resume(run_dir: str | os.PathLike, *, progress: bool = True, allow_source_change: bool = False,
-               allow_environment_change: bool = False, say=_say_stderr) -> Path:
+               allow_environment_change: bool = False, allow_device_change: bool = False,
+               device: str | None = None, say=_say_stderr) -> Path:
         """Continue a recording that stopped or crashed. The result is bit-identical to a
         recording that never stopped.
 
@@ -90,7 +93,8 @@ class RecordSession:
         disagrees with the ledger is skipped (and everything after the one used is forgotten),
         and a run with no usable checkpoint (killed before its first was recorded) starts again
         from its first step (a fork from its parent's state at the fork step). Each of these is
-        said through `say` (stderr by default) and recorded as a ledger event."""
+        said through `say` (stderr by default) and recorded as a ledger event. `device` continues
+        it on another device than the recorded one (another kind needs `allow_device_change`)."""
         from .forget import CERTIFICATE, is_forget, write_certificate
 
         with RunDir.open(run_dir, writable=True) as run:
@@ -103,7 +107,8 @@ class RecordSession:
             raise RunError(f"{run_dir}: the recording is already complete; nothing to resume")
         with RunDir.open(run_dir, writable=True) as run:
             manifest = run.manifest
-            program, _ = load_run_program(run, allow_source_change, allow_environment_change, "resume")
+            program, _ = load_run_program(run, allow_source_change, allow_environment_change, "resume",
+                                          allow_device_change=allow_device_change, device=device)
             first = manifest.get("first_step", 0)
             engine, start, skipped = None, None, []
             for step in sorted(run.checkpoint_steps(), reverse=True):
@@ -124,7 +129,8 @@ class RecordSession:
                     from .fork import restart_child
 
                     engine = restart_child(run, allow_source_change=allow_source_change,
-                                           allow_environment_change=allow_environment_change)
+                                           allow_environment_change=allow_environment_change,
+                                           allow_device_change=allow_device_change, device=program.device)
                 else:
                     engine = fresh_engine(run, program)
                 start = first
@@ -150,7 +156,8 @@ class RecordSession:
 class VerifyReport:
     """What `verify` found: the steps replayed, the checkpoint restored from, the first
     divergence from the ledger, the stored checkpoints compared with the replayed state (and
-    those that differ), and the damaged files (a run with damage is not replayed)."""
+    those that differ), and the damaged files (a run with damage is not replayed). `devices`
+    is (recorded, replayed on) when an allowed device change put the replay on another kind."""
 
     start: int
     end: int
@@ -159,16 +166,22 @@ class VerifyReport:
     checkpoints_compared: list[int] = field(default_factory=list)
     checkpoint_mismatches: dict[int, dict[str, list[str]]] = field(default_factory=dict)
     damaged: list[str] = field(default_factory=list)
+    devices: tuple[str, str] | None = None
 
     @property
     def ok(self) -> bool:
         return self.divergence is None and not self.checkpoint_mismatches and not self.damaged
 
     def describe(self) -> str:
+        note = []
+        if self.devices is not None:
+            note = [f"note: recorded on {self.devices[0]}, replayed on {self.devices[1]} (an allowed device change): "
+                    "the comparison is bit for bit as always; torch's matrix products and convolutions are not "
+                    "promised to agree across kinds of device, replay's own ops are"]
         if self.ok:
             origin = "a fresh start" if self.restored_from is None else f"checkpoint {self.restored_from}"
-            return (f"OK: steps {self.start}..{self.end - 1} replay bit for bit (from {origin}); "
-                    f"{len(self.checkpoints_compared)} stored checkpoints equal the replayed state")
+            return "\n".join([f"OK: steps {self.start}..{self.end - 1} replay bit for bit (from {origin}); "
+                              f"{len(self.checkpoints_compared)} stored checkpoints equal the replayed state"] + note)
         lines = []
         if self.damaged:
             lines.append(f"DAMAGED: {len(self.damaged)} problem(s) with the run's files:")
@@ -178,7 +191,7 @@ class VerifyReport:
         for step, parts in sorted(self.checkpoint_mismatches.items()):
             shown = "; ".join(f"{k}: {', '.join(v[:6])}" + (" ..." if len(v) > 6 else "") for k, v in parts.items())
             lines.append(f"stored checkpoint {step} differs from the replayed state ({shown})")
-        return "\n".join(lines)
+        return "\n".join(lines + note)
 
 
 def verify_files(run_dir: str | os.PathLike) -> list[str]:
@@ -194,10 +207,13 @@ class ReplaySession:
     """Re-execute a recorded run from its checkpoints and compare every step with the ledger."""
 
     def __init__(self, run_dir: str | os.PathLike, *, allow_source_change: bool = False,
-                 allow_environment_change: bool = False):
+                 allow_environment_change: bool = False, allow_device_change: bool = False,
+                 device: str | None = None):
         self.path = Path(run_dir)
         self.allow_source_change = allow_source_change
         self.allow_environment_change = allow_environment_change
+        self.allow_device_change = allow_device_change
+        self.device = device  # None: the device the run was recorded on
 
     def verify(self, start: int | None = None, end: int | None = None, *, progress: bool = True) -> VerifyReport:
         """Check every file the run records (hash, then parse), then replay steps [start, end)
@@ -206,7 +222,7 @@ class ReplaySession:
         reported without replaying (and without executing its program)."""
         from .store.integrity import check_files
 
-        writable = self.allow_source_change or self.allow_environment_change
+        writable = self.allow_source_change or self.allow_environment_change or self.allow_device_change
         with RunDir.open(self.path, writable=writable) as run:
             last = run.ledger.last_step()
             first = run.manifest.get("first_step", 0)
@@ -219,7 +235,8 @@ class ReplaySession:
             damaged = check_files(run)
             if damaged:
                 return VerifyReport(start=start, end=end, restored_from=None, divergence=None, damaged=damaged)
-            program, _ = load_run_program(run, self.allow_source_change, self.allow_environment_change, "verify")
+            program, _ = load_run_program(run, self.allow_source_change, self.allow_environment_change, "verify",
+                                          allow_device_change=self.allow_device_change, device=self.device)
             checkpoints = run.checkpoint_steps()
             engine = engine_for_run(run, program)
             compared, mismatches = [], {}
@@ -257,5 +274,9 @@ class ReplaySession:
                 engine.close()
                 if bar is not None:
                     bar.close()
+            recorded = recorded_device(run.manifest)
+            devices = None
+            if kind_of(program.device) != recorded["kind"]:
+                devices = (label(recorded), program.device)
             return VerifyReport(start=start, end=end, restored_from=restored_from, divergence=divergence,
-                                checkpoints_compared=compared, checkpoint_mismatches=mismatches)
+                                checkpoints_compared=compared, checkpoint_mismatches=mismatches, devices=devices)

@@ -252,13 +252,13 @@ class OpTracer(TorchDispatchMode):
         return out
 
 
-def _header(run: str | os.PathLike, run_id: str, step: int, variant: str | None) -> dict:
+def _header(run: str | os.PathLike, run_id: str, step: int, variant: str | None, device_kind: str) -> dict:
     """A trace file's first line: what was traced, and where (threads, environment)."""
     from . import environment as env_module
 
     return {"format": TRACE_FORMAT, "version": TRACE_VERSION, "run": str(run), "run_id": run_id, "step": step,
             **({"variant": variant} if variant is not None else {}), "threads": torch.get_num_threads(),
-            "environment": env_module.environment()}
+            "environment": env_module.environment(device_kind)}
 
 
 class _TraceWriter:
@@ -369,7 +369,8 @@ def _engine_at(run: RunDir, program, step: int, progress: bool):
 
 def trace_step(run_dir: str | os.PathLike, step: int, out: str | os.PathLike | None, *, repeat: int = 1,
                threads: list[int] | None = None, progress: bool = True, allow_source_change: bool = False,
-               allow_environment_change: bool = False) -> TraceResult:
+               allow_environment_change: bool = False, allow_device_change: bool = False,
+               device: str | None = None) -> TraceResult:
     """Replay `run_dir` to `step` and trace that step into `out` (JSON lines; None: not
     written). With repeat > 1 the step runs that many times from the same state, with `threads`
     once per thread count; the result then lists the ops whose outputs differ between runs
@@ -380,13 +381,14 @@ def trace_step(run_dir: str | os.PathLike, step: int, out: str | os.PathLike | N
         raise ValueError(f"--repeat {repeat}: must be at least 1")
     if threads is not None and (not threads or any(n < 1 for n in threads)):
         raise ValueError(f"--threads {threads}: thread counts must be positive")
-    writable = allow_source_change or allow_environment_change
+    writable = allow_source_change or allow_environment_change or allow_device_change
     with RunDir.open(run_dir, writable=writable) as run:
         first, last = run.manifest.get("first_step", 0), run.ledger.last_step()
         if last is None or not first <= step <= last:
             recorded = "no steps" if last is None else f"steps {first}..{last}"
             raise TraceError(f"cannot trace step {step} of {run_dir}: it recorded {recorded}")
-        program, _ = load_run_program(run, allow_source_change, allow_environment_change, "trace")
+        program, _ = load_run_program(run, allow_source_change, allow_environment_change, "trace",
+                                      allow_device_change=allow_device_change, device=device)
         engine, diverged = _engine_at(run, program, step, progress)
         row = run.ledger.step_row(step)
         run_id = run.manifest["run_id"]
@@ -400,7 +402,7 @@ def trace_step(run_dir: str | os.PathLike, step: int, out: str | os.PathLike | N
             engine.load_state_dict(copy.deepcopy(state))
         if threads:
             torch.set_num_threads(threads[k])
-        header = _header(run_dir, run_id, step, variant if len(variants) > 1 else None)
+        header = _header(run_dir, run_id, step, variant if len(variants) > 1 else None, engine.device.type)
         ops: list[dict] = []
         writer = _TraceWriter(out, header) if (out is not None and k == 0) else None
 
@@ -694,7 +696,7 @@ def recording_traces(run: RunDir, engine, steps):
         if step not in wanted or step in done:
             yield
             return
-        header = _header(run.path, run.manifest["run_id"], step, "recording")
+        header = _header(run.path, run.manifest["run_id"], step, "recording", engine.device.type)
         target = folder / stored_trace_name(step)
         no_link(str(target))
         writer = _TraceWriter(target, header)

@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+# cuBLAS reads its workspace configuration once, when CUDA is first used in the process; a CUDA
+# program needs a deterministic one (replay.device refuses to run after CUDA started without it),
+# and test_cuda.py starts CUDA first. Set before any test runs; it means nothing to a CPU run.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(HERE) not in sys.path:  # `from conftest import ...` from any test file
@@ -99,6 +104,21 @@ def write_program(path: Path, *, prelude: str = "", model_body: str = "pass", st
 def program_file(tmp_path):
     """write_program in this test's tmp_path: program_file("name.py", **changes) -> path."""
     return lambda name="program.py", **changes: write_program(tmp_path / name, **changes)
+
+
+# ------------------------------------------------------------------------------- cuda ----
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under REPLAY_REQUIRE_CUDA=1 (tools/gpu_check.sh sets it) a skipped test marked `cuda`
+    fails instead: on a GPU machine a skip would hide that the CUDA path went unchecked."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("REPLAY_REQUIRE_CUDA") == "1" and item.get_closest_marker("cuda"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"REPLAY_REQUIRE_CUDA=1 but this cuda test was skipped ({reason})"
 
 
 # ----------------------------------------------------------------------------- chromium ----

@@ -13,6 +13,7 @@ implementation of every distance).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -46,8 +47,10 @@ def load_probe(spec: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, layer: str | None) -> dict[str, torch.Tensor]:
     """Logits on the probe (and the chosen layer's representations), in eval mode; every
-    module's train/eval flag is restored afterwards, so training is not disturbed."""
+    module's train/eval flag is restored afterwards, so training is not disturbed. The probe
+    runs on the model's device (Program.device); the results come back to the CPU."""
     modes = [(m, m.training) for m in model.modules()]
+    device = next(itertools.chain(model.parameters(), model.buffers()), x).device
     captured = {}
     handle = None
     if layer is not None:
@@ -58,20 +61,20 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, layer: str | None) -> dict
             lambda m, i, o: captured.__setitem__("rep", o.detach().reshape(o.shape[0], -1)))
     try:
         model.eval()
-        logits = model(x).detach()
+        logits = model(x.to(device)).detach()
     finally:
         if handle is not None:
             handle.remove()
         for m, mode in modes:
             m.training = mode
-    out = {"logits": logits.float().contiguous()}
+    out = {"logits": logits.float().contiguous().cpu()}
     if "rep" in captured:
-        out["rep"] = captured["rep"].float().contiguous()
+        out["rep"] = captured["rep"].float().contiguous().cpu()
     return out
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().float().clone() for name, p in model.named_parameters()}
+    return {name: p.detach().float().to("cpu", copy=True) for name, p in model.named_parameters()}
 
 
 class Recorder:

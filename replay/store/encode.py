@@ -111,8 +111,9 @@ def _key_text(key) -> str:
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, copy: bool = True) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.copy = copy
         self._active: set[int] = set()
 
     def _tensor_key(self, path: tuple[str, ...]) -> str:
@@ -135,7 +136,9 @@ class _Flattener:
         if t.device.type == "meta":
             raise TypeError(f"cannot store the meta tensor at '{where}': it has no data")
         t = t.detach()
-        if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+        if not self.copy:
+            copy = t
+        elif t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
             copy = t.clone()  # private storage, byte-for-byte
         else:
             copy = torch.empty(t.shape, dtype=t.dtype, device="cpu")
@@ -191,14 +194,16 @@ class _Flattener:
         )
 
 
-def flatten_state(obj) -> tuple[object, dict[str, torch.Tensor]]:
+def flatten_state(obj, *, copy: bool = True) -> tuple[object, dict[str, torch.Tensor]]:
     """Split ``obj`` into a JSON-ready skeleton and a dict of tensors (see the module docstring).
 
     Tensor keys are readable paths (``"model/fc.weight"``, ``"optimizer/state/0/exp_avg"``);
     when two paths collide (a key containing ``/``) the later one gets a ``~N`` suffix.
     Raises TypeError, naming the path, for anything the encoding does not cover.
+    With ``copy=False`` the tensors are the state's own (detached, on their device): for
+    fingerprinting where they live, not for writing.
     """
-    f = _Flattener()
+    f = _Flattener(copy)
     skeleton = f.value(obj, ())
     return skeleton, f.tensors
 

@@ -439,7 +439,11 @@ MANIFEST = Obj(
         "optimizer": Obj(required={"class": Str(1024)}, optional={"replay_kernel": Bool(), "numerics": Any()}),
     },
     optional={"rng_effective": RNG, "lineage": LINEAGE, "dropped_examples": List(Int(0, 10**12), max_len=10**6),
-              "trace_steps": List(STEP, max_len=MAX_CHECKPOINTS), "accumulate": Int(2, 10**8)},
+              "trace_steps": List(STEP, max_len=MAX_CHECKPOINTS), "accumulate": Int(2, 10**8),
+              # Absent in runs recorded before devices existed: those ran on the CPU.
+              "device": Obj(required={"kind": Str(16, choices=("cpu", "cuda")),
+                                      "device": Str(32, pattern=r"cpu|cuda(:(0|[1-9][0-9]{0,5}))?")},
+                            optional={"name": Str(256)}, closed=True)},
 )
 
 
@@ -473,6 +477,9 @@ def check_manifest(manifest, path, store_version: int) -> None:
                               f"{manifest['lineage']['fork_step']} is not the run's first step {first}")
     elif first != 0:
         raise SchemaError(path, "first_step", f"a run that is not a fork starts at step 0, found {first}")
+    device = manifest.get("device")
+    if device is not None and device["device"].partition(":")[0] != device["kind"]:
+        raise SchemaError(path, "device.device", f"{device['device']!r} is not a {device['kind']} device")
     schedule = manifest["checkpoints"]
     if steps // schedule["every"] > MAX_CHECKPOINTS:
         raise SchemaError(path, "checkpoints.every",
