@@ -292,8 +292,9 @@ def data_workers(benches: list[dict]) -> str:
             rows.append([n, f"{step_ms:.1f}", f"{info['speedup'][n]:.2f}x", f"{info['rounds']}"])
     return (table(["workers", "step ms", "speed-up over 0", "rounds"], rows, ["---:"] * 4)
             + "\n\nbenches/programs/augmented_images.py: a batch of 64 examples, each cropped, flipped, blurred four "
-              "times and jittered in __getitem__, a linear model. Workers started at each engine's turn and stopped "
-              "after its 16 steps (start-up included); the three engines' ledger digests agree (checked). No goal: the gain depends on the free cores.")
+              "times and jittered in __getitem__, a linear model. Steady state: workers started at each engine's turn, "
+              "4 steps untimed (start-up, pipeline filling), then 24 timed; the three engines' ledger digests agree "
+              "(checked). No goal: the gain depends on the free cores.")
 
 
 RENDER = {"optimizer step": optimizer_step, "fingerprint": fingerprint, "recording overhead": recording_overhead,
