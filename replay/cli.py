@@ -752,12 +752,18 @@ def _error(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a reader that went away is caught (below), not at exit
+        return status
     except KeyboardInterrupt:
         run = args.run if args.command == "resume" else getattr(args, "out", None)
         hint = f"; `replay resume {run}` continues the recording" if args.command in ("record", "resume", "fork", "forget") and run else ""
         print(f"replay: interrupted{hint}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`replay inspect RUN | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
+        return 141
     except MemoryError as error:
         _error(f"out of memory{': ' + _one_line(error) if str(error) else ''}; a recording stays resumable "
                "(`replay resume RUN`) once memory is available")

@@ -337,3 +337,17 @@ def test_lifetimes_table_separates_its_columns(capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("p "))
     assert "extrapolated inf" in row and "extrapolatedinf" not in row
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(recorded):
+    """`replay inspect RUN | head -1`: the pipe closes under inspect's printing; replay stops
+    with status 141 (128 + SIGPIPE) and no traceback."""
+    _, run = recorded
+    proc = subprocess.Popen([sys.executable, "-m", "replay.cli", "inspect", str(run)], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away after one line
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait() == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
