@@ -104,6 +104,15 @@ class _Plans(torch.utils.data.Sampler):
             yield plan
 
 
+class _BuildFailed:
+    """What a worker returns when the program's example or collate code raised: the engine then
+    builds that batch in the main process, where the same error is raised with the program's own
+    frames (as without workers), instead of DataLoader's re-raise with a traceback in a string."""
+
+    def __init__(self, error: BaseException):
+        self.description = f"{type(error).__name__}: {error}"
+
+
 class _PlanDataset(torch.utils.data.Dataset):
     """A 'dataset' indexed by plans: item(plan) = (step, ids, batch)."""
 
@@ -113,7 +122,10 @@ class _PlanDataset(torch.utils.data.Dataset):
     def __getitem__(self, plan):
         if isinstance(plan, _PlanError):
             return plan.step, None, None
-        return plan.step, plan.ids, build_batch(self.program, plan)
+        try:
+            return plan.step, plan.ids, build_batch(self.program, plan)
+        except Exception as error:
+            return plan.step, plan.ids, _BuildFailed(error)
 
 
 def _as_is(item):
@@ -157,6 +169,11 @@ class WorkerBatches:
             raise RuntimeError(f"a data-loader worker built the batch of step {step} (ids {list(ids or ())[:8]}...) "
                                f"where step {plan.step} was expected: the plans made ahead do not match the step's; "
                                "this is a bug in replay, please report it")
+        if isinstance(batch, _BuildFailed):
+            build_batch(self._program, plan)  # raises the program's error here, with its frames
+            raise RuntimeError(f"a data-loader worker could not build the batch of step {step} ({batch.description}), "
+                               "but the main process built it from the same plan: the dataset behaves differently "
+                               "in a worker process (state set up after the workers started?); use workers=0")
         return batch
 
     def close(self) -> None:

@@ -187,3 +187,36 @@ def test_kill_9_of_a_workers_recording_resumes_bit_identically(recorded, tmp_pat
         assert not run.is_complete
     RecordSession.resume(out, progress=False, say=lambda message: None)
     assert rows(out) == rows(recorded[0])
+
+
+class _Corrupt(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        if i == 13:
+            raise KeyError("example 13 is corrupt")
+        return torch.rand(4), torch.tensor(i % 2)
+
+
+def test_an_error_in_the_dataset_is_raised_with_its_frames_as_without_workers():
+    """A worker's failed build is built again in the main process, which raises the program's own
+    exception with its frames at the step that holds the example (DataLoader would re-raise a
+    copy whose traceback is a string)."""
+    import traceback
+
+    raised = {}
+    for n in (0, 2):
+        program = Program(model=lambda: torch.nn.Linear(4, 2), dataset=_Corrupt(),
+                          loss=torch.nn.functional.cross_entropy, batch_size=8, steps=20, workers=n)
+        engine = Engine(program, Engine.contract_for(program))
+        steps = 0
+        with pytest.raises(KeyError) as error:
+            for _ in range(20):
+                engine.run_step()
+                steps += 1
+        engine.close()
+        frames = traceback.extract_tb(error.value.__traceback__)
+        assert frames[-1].name == "__getitem__" and frames[-1].filename == __file__
+        raised[n] = (steps, str(error.value))
+    assert raised[0] == raised[2] and raised[0][1] == "'example 13 is corrupt'"
