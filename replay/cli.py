@@ -182,6 +182,8 @@ def _inspect_data(run: RunDir) -> dict:
         "steps_planned": m["steps"],
         "steps_recorded": 0 if last is None else last + 1,
         "batch_size": m["batch_size"],
+        # each step's ids cut into this many contiguous micro-batches (StepContext.micro_batches)
+        "accumulate": m.get("accumulate", 1),
         "dataset_size": m["dataset_size"],
         "order": m["order"],
         "optimizer": m["optimizer"],
@@ -205,7 +207,8 @@ def _cmd_inspect(args) -> int:
     print(f"program      {data['program']['reference']}  sha256 {data['program']['sha256'][:16]}")
     print(f"seed         {data['seed']}")
     print(f"steps        {data['steps_recorded']} recorded of {data['steps_planned']}, batch {data['batch_size']} "
-          f"of {data['dataset_size']} examples")
+          f"of {data['dataset_size']} examples"
+          + (f", {data['accumulate']} micro-batches a step (contiguous runs of the step's ids)" if data["accumulate"] > 1 else ""))
     print(f"order        {json.dumps(data['order'])[:120]}")
     print(f"optimizer    {data['optimizer']['class']} (numerics {data['optimizer']['numerics']})")
     device = data["device"]

@@ -35,9 +35,13 @@ def fork(parent, out, spec):
     return digests(out)
 
 
-def test_the_manifest_records_the_split(parent):
+def test_the_manifest_records_the_split(parent, capsys):
     with RunDir.open(parent) as run:
         assert run.manifest["accumulate"] == 3
+    from replay.cli import main
+
+    assert main(["inspect", str(parent)]) == 0
+    assert "3 micro-batches a step" in capsys.readouterr().out
 
 
 def test_micro_step_forks_have_the_known_answers_and_replay(parent, tmp_path):
