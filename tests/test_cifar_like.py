@@ -3,11 +3,6 @@ under bf16 autocast, crop and flip drawn in __getitem__ by 2 data-loader workers
 an EMA teacher and OneCycleLR. Recorded briefly, it verifies; killed with -9 it resumes bit for
 bit; a placebo fork equals it; a short experiment over it runs, its placebo exactly zero."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,8 @@ from replay.fork import ForkSession
 from replay.program import load_program
 from replay.session import RecordSession, ReplaySession
 from replay.store import RunDir
+
+from killing import kill_when_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = str(ROOT / "examples" / "cifar_like.py")
@@ -50,41 +47,10 @@ def test_records_and_verifies_from_every_checkpoint(recorded):
         assert report.ok, report.describe()
 
 
-KILLED = """
-import sys, time
-from replay.engine import Engine
-
-run_step = Engine.run_step
-
-def announced(self):
-    record = run_step(self)
-    if self.completed == 6:
-        print("ready", flush=True)
-        time.sleep(60)  # killed here, with checkpoint 4 written and steps 4, 5 in flight
-    return record
-
-Engine.run_step = announced
-from replay.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_kill_9_then_resume_is_bit_identical(recorded, tmp_path):
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED)
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(script), "record", PROGRAM, "--seed", "1", "--steps", str(STEPS),
-           "--checkpoint-every", str(EVERY), "--out", str(out), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    kill_when_ready(tmp_path, 6, ["record", PROGRAM, "--seed", "1", "--steps", STEPS, "--checkpoint-every", EVERY,
+                                  "--out", out, "--no-progress"], step_sleep=0.5, after_ready=0.1)
     with RunDir.open(out) as run:
         assert not run.is_complete
     RecordSession.resume(out, progress=False, say=lambda message: None)

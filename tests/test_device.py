@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from replay.session import RecordSession, ReplayRefused, ReplaySession
 from replay.program import load_program
 from replay.store import CorruptRunError, RunDir
 from replay.store.encode import flatten_state
+
+from killing import kill_when_ready
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -536,48 +537,16 @@ def test_placebo_fork_on_cuda_equals_its_parent(cuda_run, tmp_path):
     assert digests(child) == [d for d in digests(cuda_run) if d[0] >= 7]
 
 
-KILLED_RECORDER = """
-import sys, time
-from replay.engine import Engine
-
-target = int(sys.argv[1])
-run_step = Engine.run_step
-
-def slowed(self):  # from step `target` on: say "ready" once, then take >= 20 ms a step
-    record = run_step(self)
-    if self.completed == target:
-        print("ready", flush=True)
-    if self.completed >= target:
-        time.sleep(0.02)
-    return record
-
-Engine.run_step = slowed
-from replay.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_kill_9_during_a_cuda_recording_then_resume_is_bit_identical(tmp_path):
     reference = record(tmp_path / "reference", device="cuda", steps=40, checkpoint_every=6)
     expected = digests(reference)
-    script = tmp_path / "killed_recorder.py"
-    script.write_text(KILLED_RECORDER)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     for trial, target in enumerate((1, 13, 30)):
         out = tmp_path / f"killed{trial}"
-        cmd = [sys.executable, str(script), str(target), "record", DEVICE_MLP, "--device", "cuda", "--steps", "40",
-               "--checkpoint-every", "6", "--out", str(out), "--no-progress"]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-            time.sleep(0.01 * (trial + 1))
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
+        kill_when_ready(tmp_path, target, ["record", DEVICE_MLP, "--device", "cuda", "--steps", "40",
+                                           "--checkpoint-every", "6", "--out", out, "--no-progress"],
+                        step_sleep=0.02, after_ready=0.01 * (trial + 1))
         with RunDir.open(out) as run:
             assert not run.is_complete, f"trial {trial}: the recording finished before the kill"
         RecordSession.resume(out, progress=False, say=lambda message: None)

@@ -6,10 +6,8 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,8 @@ import torch
 from replay.cli import main as cli
 from replay.session import RecordSession, ReplayRefused, ReplaySession
 from replay.store import CorruptRunError, RunDir, RunLockedError
+
+from killing import kill_when_ready
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -122,27 +122,6 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(t.view(torch.uint8) if t.dtype != torch.int64 else t, sb["model"][name].view(torch.uint8) if t.dtype != torch.int64 else sb["model"][name])
 
 
-KILLED_RECORDER = """
-import sys, time
-from replay.engine import Engine
-
-target = int(sys.argv[1])
-run_step = Engine.run_step
-
-def slowed(self):  # from step `target` on: say "ready" once, then take >= 3 ms a step
-    record = run_step(self)
-    if self.completed == target:
-        print("ready", flush=True)
-    if self.completed >= target:
-        time.sleep(0.003)
-    return record
-
-Engine.run_step = slowed
-from replay.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
     """Kill a recording mid-run (synchronised on a ready signal the child prints once it has
     completed step `target`, so no trial can miss the run) at random moments, then resume."""
@@ -152,23 +131,13 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
     with RunDir.open(reference_run) as run:
         expected_checkpoints = run.ledger.checkpoints()
     expected = [(r.step, r.digest) for r in ledger_rows(reference_run)]
-    script = tmp_path / "killed_recorder.py"
-    script.write_text(KILLED_RECORDER)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     rng = random.Random(20261201)
     for trial, target in enumerate((1, 7, 30, 64, 100)):
         out = tmp_path / f"killed{trial}"
-        cmd = [sys.executable, str(script), str(target), "record", TINY, "--seed", "9", "--steps", "120",
-               "--checkpoint-every", "7", "--out", str(out), "--no-progress"]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-            time.sleep(rng.uniform(0.0, 0.05))  # < the 20 slowed steps left after the last target
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
+        # from the target on a step takes >= 3 ms; the kill comes < the 20 slowed steps left after the last target
+        kill_when_ready(tmp_path, target, ["record", TINY, "--seed", "9", "--steps", "120", "--checkpoint-every", "7",
+                                           "--out", out, "--no-progress"],
+                        step_sleep=0.003, after_ready=rng.uniform(0.0, 0.05))
         with RunDir.open(out) as run:
             assert not run.is_complete, f"trial {trial}: the recording finished before the kill"
             recorded = run.ledger.checkpoints()

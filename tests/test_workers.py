@@ -5,11 +5,6 @@ The dataset draws from torch's, Python's and numpy's global generators in __geti
 collate (tests/programs/random_dataset.py), so a batch built under the wrong seed, in the wrong
 order or for the wrong step changes the bits the ledger records."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +16,8 @@ from replay.perturb import PerturbationRefused, from_spec
 from replay.program import Program, load_program
 from replay.session import RecordSession, ReplaySession
 from replay.store import RunDir
+
+from killing import kill_when_ready
 
 HERE = Path(__file__).parent
 SOURCE = HERE / "programs" / "random_dataset.py"
@@ -148,41 +145,10 @@ def test_workers_must_be_a_non_negative_int(bad):
                 loss=lambda o, t: o.sum(), batch_size=2, workers=bad)
 
 
-KILLED = """
-import sys, time
-from replay.engine import Engine
-
-run_step = Engine.run_step
-
-def slowed(self):  # after step 10: say "ready" once, then take >= 5 ms a step
-    record = run_step(self)
-    if self.completed == 10:
-        print("ready", flush=True)
-    if self.completed >= 10:
-        time.sleep(0.005)
-    return record
-
-Engine.run_step = slowed
-from replay.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_kill_9_of_a_workers_recording_resumes_bit_identically(recorded, tmp_path):
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED)
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    cmd = [sys.executable, str(script), "record", PROGRAMS[2], "--seed", "3", "--out", str(out), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    kill_when_ready(tmp_path, 10, ["record", PROGRAMS[2], "--seed", "3", "--out", out, "--no-progress"],
+                    step_sleep=0.005, after_ready=0.02)
     with RunDir.open(out) as run:
         assert not run.is_complete
     RecordSession.resume(out, progress=False, say=lambda message: None)
