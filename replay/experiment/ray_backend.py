@@ -46,21 +46,17 @@ def import_ray():
 
 
 def _task(spec_json: dict, out: str, key: str, seed: int, cwd: str, threads: int) -> dict:
-    """runner._run_seed_task inside a Ray worker."""
-    import torch
-
+    """runner._run_seed_task inside a Ray worker (with the driver's torch thread count, not the
+    one Ray gives its workers through OMP_NUM_THREADS: see _run_seed_task)."""
     from ..environment import environment
     from .runner import _run_seed_task
 
-    # The driver's torch thread count, not Ray's (it sets OMP_NUM_THREADS to the task's CPUs):
-    # the number of threads can change the bits of torch's CPU matrix products, and the runs
-    # must be those `--workers 1` would write. Relative program references are relative to the
-    # driver's working directory (a local instance's workers start there already).
-    torch.set_num_threads(threads)
+    # Relative program references are relative to the driver's working directory (a local
+    # instance's workers start there already; a cluster's, where the shared filesystem has it).
     if os.path.isdir(cwd):
         os.chdir(cwd)
     lines: list[str] = []
-    evaluations = _run_seed_task(spec_json, out, key, seed, log=lines.append)
+    evaluations = _run_seed_task(spec_json, out, key, seed, threads, log=lines.append)
     return {"evaluations": evaluations, "log": lines, "environment": environment(),
             "node": os.uname().nodename}
 

@@ -178,7 +178,10 @@ class Experiment:
                               log=lambda m, i=i: print(f"[{i}/{len(tasks)}] {m}", file=sys.stderr, flush=True))
         else:
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(_run_seed_task, self.spec.to_json(), str(self.out), key, seed): (key, seed)
+                import torch
+
+                threads = torch.get_num_threads()
+                futures = {pool.submit(_run_seed_task, self.spec.to_json(), str(self.out), key, seed, threads): (key, seed)
                            for key, seed in tasks}
                 for i, future in enumerate(as_completed(futures), 1):
                     future.result()
@@ -207,8 +210,17 @@ def _remove_run(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _run_seed_task(spec_json: dict, out: str, key: str, seed: int, log: Callable[[str], None] | None = None) -> dict:
+def _run_seed_task(spec_json: dict, out: str, key: str, seed: int, threads: int,
+                   log: Callable[[str], None] | None = None) -> dict:
     """One task, as a process pool or Ray runs it: plain JSON-able arguments and result (the
-    evaluation files' hashes, see Experiment.run_seed)."""
+    evaluation files' hashes, see Experiment.run_seed).
+
+    `threads` is the driver's torch thread count: the number of threads can change the bits of
+    torch's CPU matrix products, and a fresh process (or a Ray worker, given OMP_NUM_THREADS=1)
+    starts with its own default, so without it a driver that set another count (the benches'
+    smoke mode runs on one thread) got other results from --workers 2 than from --workers 1."""
+    import torch
+
+    torch.set_num_threads(threads)
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     return Experiment(ExperimentSpec(**spec_json), out).run_seed(key, seed, progress=False, log=log)
