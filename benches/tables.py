@@ -303,15 +303,17 @@ def scaling(benches: list[dict]) -> str:
         info = b["extra_info"]
         for name, f in info["candidates"].items():
             executor, n = name.split()
-            rows.append([executor, n, f"{f['experiment_s']:.1f}", f"{f['forks_per_minute']:.0f}", f"{f['speedup']:.2f}x",
-                         f"{f['instance_start_s']:.1f}" if executor == "ray" else "-", f"{info['rounds']}"])
+            rows.append([f"{info['task_threads']}", executor, n, f"{f['experiment_s']:.1f}", f"{f['forks_per_minute']:.0f}",
+                         f"{f['speedup']:.2f}x", f"{f['instance_start_s']:.1f}" if executor == "ray" else "-",
+                         f"{info['rounds']}"])
     info = benches[0]["extra_info"]
-    return (table(["executor", "workers (Ray: CPUs)", "experiment s", "forks per minute", "speed-up over local 1",
-                   "Ray instance start s (not in the time)", "rounds"], rows, ["---"] + ["---:"] * 6)
+    return (table(["torch threads per process", "executor", "workers (Ray: CPUs)", "experiment s", "forks per minute",
+                   "speed-up over local 1", "Ray instance start s (not in the time)", "rounds"], rows,
+                  ["---:", "---"] + ["---:"] * 6)
             + f"\n\n`{info['program']}`, {info['seeds']} seeds x {info['arms']} arms x {len(info['fork_steps'])} fork "
               f"step, {info['steps']} steps: {info['seeds']} tasks, {info['children']} children; Ray {info['ray']}. "
               "The time is Experiment.run's (worker start-up included, the Ray instance's start not); the results "
-              "of every candidate agree (checked). No goal: the gain depends on the free cores.")
+              "of every candidate at one thread count agree (checked). No goal: the gain depends on the free cores.")
 
 
 RENDER = {"optimizer step": optimizer_step, "fingerprint": fingerprint, "recording overhead": recording_overhead,

@@ -13,9 +13,14 @@ running it from scratch into a fresh folder, interleaved within a round:
 The figure is children per minute of `Experiment.run`'s wall time (tasks and estimates). A Ray
 instance is started for each Ray candidate (ray.init, timed apart and shown: a command pays it
 once) and shut down after it; its worker processes start inside the timed run, as local
-processes do. Every process runs torch with this process's thread count (Ray's tasks are given
-it: ray_backend), so 2 workers on 2 cores oversubscribe alike. All four results.json agree
-(checked). No goal: the gain depends on the free cores.
+processes do. All four results.json agree (checked).
+
+Every task runs torch with the driver's thread count (the runner passes it: it can change the
+bits), so the bench runs twice: with torch's default (one thread per core: 2 workers on 2 cores
+then run 4 threads, which spin-wait for each other) and with 1 thread (the driver sets it, as
+`OMP_NUM_THREADS=1 replay experiment ...` would). The two give different bits, each the same for
+every executor. Smoke mode runs on one thread already (benches/conftest.py): only the 1-thread
+case runs there. No goal: the gain depends on the free cores.
 """
 
 from __future__ import annotations
@@ -51,7 +56,10 @@ def results_without_duration(results: dict) -> str:
 
 
 @pytest.mark.benchmark(group="scaling")
-def test_scaling(benchmark, smoke, tmp_path):
+@pytest.mark.parametrize("threads", [1, "default"])
+def test_scaling(benchmark, smoke, tmp_path, threads):
+    if smoke and threads == "default":
+        pytest.skip("smoke mode runs torch on one thread (benches/conftest.py): the 1-thread case covers it")
     try:
         import ray
     except ImportError:
@@ -81,8 +89,16 @@ def test_scaling(benchmark, smoke, tmp_path):
             return {"total_s": total, "start_s": start_s}
         return run
 
+    import torch
+
     timing = Interleaved({f"{executor} {n}": candidate(executor, n) for executor, n in CANDIDATES})
-    timing.run(benchmark, rounds=1 if smoke else ROUNDS, warmup=0 if smoke else WARMUP)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads == 1 else default_threads)
+    try:
+        timing.run(benchmark, rounds=1 if smoke else ROUNDS, warmup=0 if smoke else WARMUP)
+        task_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(default_threads)
     children = len(experiment_spec.seeds) * len(experiment_spec.arms) * len(experiment_spec.fork_steps)
     figures = {}
     for name in timing.candidates:
@@ -99,7 +115,8 @@ def test_scaling(benchmark, smoke, tmp_path):
         "smoke": smoke, "rounds": timing.measured_rounds, "program": experiment_spec.program,
         "seeds": len(experiment_spec.seeds), "arms": len(experiment_spec.arms), "steps": experiment_spec.steps,
         "fork_steps": experiment_spec.fork_steps, "children": children, "ray": ray.__version__,
+        "task_threads": task_threads,
         "median_ms": {name: 1e3 * f["experiment_s"] for name, f in figures.items()},
         "candidates": figures, "goals": [],
     })
-    check_info(benchmark.extra_info, ["children", "candidates", "seeds"])
+    check_info(benchmark.extra_info, ["children", "candidates", "seeds", "task_threads"])
