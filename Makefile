@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo         install into .venv, then run `replay demo` (the main job)
 #   make test         install into .venv, then run the test suite
+# Ray (the `ray` extra: `replay experiment --ray`) is installed too, so that its tests run (about 15 s).
 # The extension is built against the torch installed first (CPU build 2.13.0 by default;
 # TORCH_SPEC=torch==2.14.1 gives a CUDA build, and then the CUDA kernels are built too).
 
@@ -17,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet numpy scipy matplotlib safetensors tqdm scikit-learn pytest pytest-benchmark ninja wheel "setuptools>=64"
+	$(PY) -m pip install --quiet numpy scipy matplotlib safetensors tqdm scikit-learn pytest pytest-benchmark ninja wheel "setuptools>=64" "ray>=2.40"
 	$(PY) -m pip install --quiet --no-build-isolation -e .
 	touch $@
 

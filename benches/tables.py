@@ -18,7 +18,7 @@ import sys
 from collections import defaultdict
 
 GROUPS = ["optimizer step", "fingerprint", "recording overhead", "fork latency", "experiment throughput", "forget", "trace",
-          "data workers"]
+          "data workers", "scaling"]
 DEFAULT_COMMAND = "pytest benches/ --benchmark-only --benchmark-json=benches/results.json  (make bench)"
 
 
@@ -297,13 +297,33 @@ def data_workers(benches: list[dict]) -> str:
               "(checked). No goal: the gain depends on the free cores.")
 
 
+def scaling(benches: list[dict]) -> str:
+    rows = []
+    for b in benches:
+        info = b["extra_info"]
+        for name, f in info["candidates"].items():
+            executor, n = name.split()
+            rows.append([f"{info['task_threads']}", executor, n, f"{f['experiment_s']:.1f}", f"{f['forks_per_minute']:.0f}",
+                         f"{f['speedup']:.2f}x", f"{f['instance_start_s']:.1f}" if executor == "ray" else "-",
+                         f"{info['rounds']}"])
+    info = benches[0]["extra_info"]
+    return (table(["torch threads per process", "executor", "workers (Ray: CPUs)", "experiment s", "forks per minute",
+                   "speed-up over local 1", "Ray instance start s (not in the time)", "rounds"], rows,
+                  ["---:", "---"] + ["---:"] * 6)
+            + f"\n\n`{info['program']}`, {info['seeds']} seeds x {info['arms']} arms x {len(info['fork_steps'])} fork "
+              f"step, {info['steps']} steps: {info['seeds']} tasks, {info['children']} children; Ray {info['ray']}. "
+              "The time is Experiment.run's (worker start-up included, the Ray instance's start not); the results "
+              "of every candidate at one thread count agree (checked). No goal: the gain depends on the free cores.")
+
+
 RENDER = {"optimizer step": optimizer_step, "fingerprint": fingerprint, "recording overhead": recording_overhead,
           "fork latency": fork_latency, "experiment throughput": experiment_throughput, "forget": forget,
-          "trace": trace, "data workers": data_workers}
+          "trace": trace, "data workers": data_workers, "scaling": scaling}
 TITLES = {"optimizer step": "Optimizer step", "fingerprint": "Fingerprint: replay.fingerprint vs torch.sum",
           "recording overhead": "Recording overhead at default settings", "fork latency": "Fork latency",
           "experiment throughput": "Experiment throughput", "forget": "Forget vs full retraining",
-          "trace": "Tracing a step", "data workers": "Data-loader workers on a CPU-heavy augmentation"}
+          "trace": "Tracing a step", "data workers": "Data-loader workers on a CPU-heavy augmentation",
+          "scaling": "Experiment scaling: local processes and Ray"}
 
 
 def render(doc: dict, command: str = DEFAULT_COMMAND) -> str:

@@ -11,7 +11,7 @@
     replay trace-diff A B                                 the first op whose inputs agree and outputs differ
     replay tree DIR                                       the lineage tree of the runs below DIR
     replay diff A B                                       where two runs part, per component
-    replay experiment SPEC.toml --out DIR [--workers N]   seeds x forks x arms -> estimates
+    replay experiment SPEC.toml --out DIR [--workers N] [--ray [ADDRESS]]   seeds x forks x arms -> estimates
     replay report DIR [--out report.html]                 the audit report of an experiment
     replay demo [--quick] [--out DIR]                     the digits demo, end to end
 
@@ -455,8 +455,8 @@ def _cmd_experiment(args) -> int:
         spec = ExperimentSpec.from_toml(args.spec)
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{args.spec}: not valid TOML ({error})") from None
-    results = Experiment(spec, args.out).run(workers=args.workers,
-                                                                             progress=not args.no_progress)
+    ray = False if args.ray is None else (args.ray or True)
+    results = Experiment(spec, args.out).run(workers=args.workers, progress=not args.no_progress, ray=ray)
     print_estimates(results)
     print_memory(results)
     print(f"results in {args.out}/results.json; `replay report {args.out}` writes the report")
@@ -605,7 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="run an experiment spec (TOML): seeds x fork steps x arms")
     p.add_argument("spec")
     p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, help="local processes (default 1); with --ray and no address: the local "
+                                               "Ray instance's CPUs (default: all)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the tasks on Ray: a local instance, or the cluster at ADDRESS ('auto' for one started "
+                        "with `ray start` on this machine, HEAD:6379 for another); needs pip install \"replay[ray]\"")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_experiment)
 

@@ -8,7 +8,9 @@ effects against the seed noise floor and the one-bit-flip reference, verdicts, a
 
     spec.py        what an experiment is (validated), and which arm is the placebo
     probe.py       probe evaluation of a run, stored hash-checked; observables via estimands
-    runner.py      record, fork and evaluate, resumable, in local processes
+    runner.py      record, fork and evaluate, resumable: one task per (program, seed), run here or
+                   in local processes
+    ray_backend.py the same tasks as Ray tasks (--ray), on a local instance or a cluster
     estimation.py  effects, verdicts, lifetimes, results.json
     audit.py       the placebo check, the reference's targets, the reporting checklist
 """

@@ -8,6 +8,12 @@ Layout of an experiment directory:
     results.json                   estimates, lifetimes, placebo check, reporting checklist
 Resuming reuses every run that is complete with a valid evaluation file; a crash loses at most
 the runs in flight. The numbers are computed by replay.experiment.estimation.
+
+One task is the factual run of one (program, seed) and all its forks (`run_seed`): a pure
+function of the spec, the program, the seed and the arms, that writes its own run directories
+and evaluation files. `run` executes the tasks in this process, in local processes (`workers`),
+or as Ray tasks (`ray`, replay.experiment.ray_backend); the estimates are computed from the
+evaluation files afterwards, so every executor gives the same bits.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from ..program import load_program
 from ..session import RecordSession
 from ..store import RunDir, RunError
 from ..store.atomic import atomic_write_json
-from .probe import Recorder, load_evaluations, load_probe
+from .probe import Recorder, load_evaluations, load_probe, with_suffix
 from .spec import ExperimentError, ExperimentSpec
 
 
@@ -101,13 +107,20 @@ class Experiment:
             return False
         return load_evaluations(self.eval_path(run_dir)) is not None
 
-    def run_seed(self, key: str, seed: int, progress: bool = False, log: Callable[[str], None] = print) -> None:
-        """The factual run of (program, seed) and all its forks, each skipped if reusable."""
+    def run_seed(self, key: str, seed: int, progress: bool = False,
+                 log: Callable[[str], None] = print) -> dict[str, str]:
+        """The factual run of (program, seed) and all its forks, each skipped if reusable. A run
+        that is not reusable (missing, or half-written by a task that was killed) is deleted and
+        made again from the start, so a retried task writes the bits of an uninterrupted one.
+
+        Returns {evaluation file, relative to the experiment folder: its sha256} for every run
+        of the task, made or reused: what a driver on another machine checks it can read."""
         x, _, _ = load_probe(self.spec.probe)
         layer = self.spec.probe.get("layer")
         eval_steps = self.eval_steps(key)
         every_eval = set().union(*eval_steps.values()) | set(self.spec.fork_steps)
         parent = self.run_dir(key, seed)
+        evaluations = {}
         if not self._reusable(parent):
             _remove_run(parent)
             recorder = Recorder(x, layer, every_eval)
@@ -116,11 +129,13 @@ class Experiment:
                           progress=progress).run(observe=recorder)
             recorder.save(self.eval_path(parent))
             log(f"recorded {parent.relative_to(self.out)}")
+        evaluations.update(self._evaluation_hash(parent))
         for T in self.spec.fork_steps:
             session = None
             for arm in self.spec.arms_of(key):
                 child = self.child_dir(key, seed, T, arm.name)
                 if self._reusable(child):
+                    evaluations.update(self._evaluation_hash(child))
                     continue
                 _remove_run(child)
                 if session is None:
@@ -130,19 +145,43 @@ class Experiment:
                 session.fork(child, arm.perturb, window=arm.window, observe=recorder)
                 recorder.save(self.eval_path(child))
                 log(f"forked {child.relative_to(self.out)}")
+                evaluations.update(self._evaluation_hash(child))
+        return evaluations
 
-    def run(self, workers: int = 1, progress: bool = True) -> dict:
-        """Run everything that is missing, then estimate; returns the results."""
+    def _evaluation_hash(self, run_dir: Path) -> dict[str, str]:
+        """{the evaluation file of run_dir, relative to the experiment folder: the sha256 its
+        metadata records (which load_evaluations checks the data against)}."""
+        meta = with_suffix(self.eval_path(run_dir), ".json")
+        return {str(meta.relative_to(self.out)): json.loads(meta.read_text())["sha256"]}
+
+    def run(self, workers: int | None = None, progress: bool = True, ray: bool | str = False) -> dict:
+        """Run everything that is missing, then estimate; returns the results.
+
+        workers: local processes (default 1: this process). ray: run the tasks as Ray tasks
+        instead: True starts a local Ray instance with `workers` CPUs (default: all) unless this
+        process already joined one (ray.init), a string is the address of a running cluster
+        (`workers` must then be None: the cluster has its CPUs). See ray_backend."""
+        if ray is not False:
+            from .ray_backend import import_ray, run_tasks
+
+            import_ray()  # before anything is written: a clear error if Ray is not installed
+            if isinstance(ray, str) and workers is not None:
+                raise ValueError("--workers with a --ray address: the cluster's CPUs decide how many tasks run at once")
         self._prepare()
         tasks = self.tasks()
         started = time.time()
-        if workers <= 1:
+        if ray is not False:
+            run_tasks(self, tasks, address=None if ray is True else ray, cpus=workers, progress=progress)
+        elif workers is None or workers <= 1:
             for i, (key, seed) in enumerate(tasks, 1):
                 self.run_seed(key, seed, progress=progress,
                               log=lambda m, i=i: print(f"[{i}/{len(tasks)}] {m}", file=sys.stderr, flush=True))
         else:
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(_run_seed_task, self.spec.to_json(), str(self.out), key, seed): (key, seed)
+                import torch
+
+                threads = torch.get_num_threads()
+                futures = {pool.submit(_run_seed_task, self.spec.to_json(), str(self.out), key, seed, threads): (key, seed)
                            for key, seed in tasks}
                 for i, future in enumerate(as_completed(futures), 1):
                     future.result()
@@ -171,6 +210,17 @@ def _remove_run(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _run_seed_task(spec_json: dict, out: str, key: str, seed: int) -> None:
-    Experiment(ExperimentSpec(**spec_json), out).run_seed(key, seed, progress=False,
-                                                          log=lambda m: print(m, file=sys.stderr, flush=True))
+def _run_seed_task(spec_json: dict, out: str, key: str, seed: int, threads: int,
+                   log: Callable[[str], None] | None = None) -> dict:
+    """One task, as a process pool or Ray runs it: plain JSON-able arguments and result (the
+    evaluation files' hashes, see Experiment.run_seed).
+
+    `threads` is the driver's torch thread count: the number of threads can change the bits of
+    torch's CPU matrix products, and a fresh process (or a Ray worker, given OMP_NUM_THREADS=1)
+    starts with its own default, so without it a driver that set another count (the benches'
+    smoke mode runs on one thread) got other results from --workers 2 than from --workers 1."""
+    import torch
+
+    torch.set_num_threads(threads)
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    return Experiment(ExperimentSpec(**spec_json), out).run_seed(key, seed, progress=False, log=log)

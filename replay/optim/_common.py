@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -132,6 +133,24 @@ class StepFingerprints:
         return self._cached
 
 
+def _torch_method(optimizer, name: str, *args, **kwargs):
+    """Call torch.optim.Optimizer's `name` (add_param_group, zero_grad, state_dict,
+    load_state_dict) on `optimizer`, without its torch._disable_dynamo wrapper while torch._dynamo
+    has not been imported.
+
+    Why: that wrapper imports torch._dynamo on its first call (1.4 s of a fresh process's start-up
+    on the 2-core machine, paid by every experiment worker and Ray task before its first step),
+    only to tell dynamo not to trace the method. Nothing can be tracing while torch._dynamo is not
+    in sys.modules (torch.compile imports it), so the wrapper has nothing to do then; the body that
+    runs is torch's own, unchanged (functools.wraps keeps it as __wrapped__). Once torch._dynamo is
+    loaded (a program that compiles), every call goes through torch's wrapper as before, and a
+    torch.optim class between the mixin and Optimizer that overrides the method is called as is."""
+    bound = getattr(super(FusedOptimizerMixin, optimizer), name)
+    wrapper = getattr(torch.optim.Optimizer, name)
+    if bound.__func__ is wrapper and "torch._dynamo" not in sys.modules:
+        return wrapper.__wrapped__(optimizer, *args, **kwargs)
+    return bound(*args, **kwargs)
+
 class FusedOptimizerMixin:
     """Shared behaviour of replay.optim optimizers (mixed into torch.optim subclasses)."""
 
@@ -216,10 +235,18 @@ class FusedOptimizerMixin:
         kernel fingerprinted, the sums, and extra entries."""
         raise NotImplementedError
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's (see _torch_method: no torch._dynamo import)."""
+        _torch_method(self, "zero_grad", set_to_none)
+
+    def state_dict(self) -> dict:
+        """torch.optim's (see _torch_method: no torch._dynamo import)."""
+        return _torch_method(self, "state_dict")
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's, except that the fp32 state of a master-weights parameter (its master
         and moments) stays fp32: torch casts floating-point state to the parameter's dtype."""
-        super().load_state_dict(state_dict)
+        _torch_method(self, "load_state_dict", state_dict)
         if not self.master_weights:
             return
         params = [p for group in self.param_groups for p in group["params"]]
@@ -235,7 +262,7 @@ class FusedOptimizerMixin:
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
     def add_param_group(self, param_group: dict) -> None:  # noqa: D401 (torch's signature)
-        super().add_param_group(param_group)
+        _torch_method(self, "add_param_group", param_group)
         check_param_group(self._replay_name, self.param_groups[-1], self._replay_float_keys, self.master_weights)
         check_devices(self._replay_name, self.param_groups)
 
