@@ -121,3 +121,36 @@ def test_a_task_the_driver_cannot_read_or_from_another_environment_is_refused(tm
         check_environment(here, dict(here, torch="9.9.9"), "c")
     with pytest.raises(ExperimentError, match="node d.*threads"):
         check_environment(here, dict(here, threads=here["threads"] + 1), "d")
+
+
+ALWAYS_KILLED = """
+import dataclasses as _dataclasses, os as _os, signal as _signal
+
+_step = step
+
+
+def _killing_step(ctx):
+    if ctx.step == 3:
+        _os.kill(_os.getpid(), _signal.SIGKILL)
+    return _step(ctx)
+
+
+program = _dataclasses.replace(program, step=_killing_step)
+"""
+
+
+def test_a_task_whose_every_attempt_dies_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """Retries exhausted (none allowed here, to keep the test short): the CLI says which task died
+    and how to resume, in one line, instead of Ray's traceback."""
+    require_ray()
+    from replay.experiment import ray_backend
+
+    monkeypatch.setattr(ray_backend, "MAX_RETRIES", 0)
+    (tmp_path / "killer.py").write_text(TINY.read_text() + ALWAYS_KILLED)
+    (tmp_path / "spec.toml").write_text(SPEC.replace("seeds = [1, 2, 3]", "seeds = [1, 2]"))
+    status = cli(["experiment", str(tmp_path / "spec.toml"), "--out", str(tmp_path / "exp"), "--ray", "--workers", "1",
+                  "--no-progress"])
+    err = capsys.readouterr().err
+    assert status != 0 and "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("replay:")]
+    assert len(lines) == 1 and "died 1 times" in lines[0] and "seed " in lines[0], err

@@ -28,6 +28,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..store import RunError
 from .spec import ExperimentError
 
 INSTALL = 'pip install "replay[ray]"'
@@ -125,7 +126,13 @@ def run_tasks(experiment, tasks: list[tuple[str, int]], *, address: str | None, 
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 key, seed = pending.pop(done[0])
-                result = ray.get(done[0])
+                try:
+                    result = ray.get(done[0])
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                        ray.exceptions.ObjectLostError) as error:  # every retry died too
+                    raise RunError(f"the Ray task for program {key!r}, seed {seed} died {MAX_RETRIES + 1} times "
+                                   f"({type(error).__name__}); what it finished is kept: run the same command "
+                                   "again to resume the experiment") from None
                 for line in result["log"]:
                     bar.write(f"[{result['node']}] {line}", file=sys.stderr)
                 check_environment(here, result["environment"], result["node"])
