@@ -290,11 +290,13 @@ def data_workers(benches: list[dict]) -> str:
         info = b["extra_info"]
         for n, step_ms in info["step_ms"].items():
             rows.append([n, f"{step_ms:.1f}", f"{info['speedup'][n]:.2f}x", f"{info['rounds']}"])
+    info = benches[0]["extra_info"]
     return (table(["workers", "step ms", "speed-up over 0", "rounds"], rows, ["---:"] * 4)
-            + "\n\nbenches/programs/augmented_images.py: a batch of 64 examples, each cropped, flipped, blurred four "
-              "times and jittered in __getitem__, a linear model. Steady state: workers started at each engine's turn, "
-              "4 steps untimed (start-up, pipeline filling), then 24 timed; the three engines' ledger digests agree "
-              "(checked). No goal: the gain depends on the free cores.")
+            + f"\n\nbenches/programs/augmented_images.py: a batch of {info['batch_size']} examples, each cropped, "
+              "flipped, blurred four times and jittered in __getitem__, a linear model. Steady state: workers started "
+              f"at each engine's turn, {info['warmup_steps']} steps untimed (start-up, pipeline filling), then "
+              f"{info['steps_per_round']} timed; the three engines' ledger digests agree (checked). No goal: the gain "
+              "depends on the free cores.")
 
 
 def scaling(benches: list[dict]) -> str:

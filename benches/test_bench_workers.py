@@ -62,7 +62,8 @@ def test_data_workers(benchmark, smoke):
     assert digests[1] == digests[0] and digests[2] == digests[0], "workers changed the bits"
     step_ms = {n: 1e3 * statistics.median(timing.kept(f"workers={n}", results=True)) / steps for n in WORKERS}
     benchmark.extra_info.update({
-        "smoke": smoke, "rounds": timing.measured_rounds, "steps_per_round": steps, "batch_size": 64,
+        "smoke": smoke, "rounds": timing.measured_rounds, "steps_per_round": steps, "warmup_steps": warmup,
+        "batch_size": 64,
         "median_ms": {f"workers={n}": step_ms[n] for n in WORKERS},
         "step_ms": {str(n): step_ms[n] for n in WORKERS},
         "speedup": {str(n): step_ms[0] / step_ms[n] for n in WORKERS},

@@ -25,7 +25,7 @@ from .optim._common import FusedOptimizerMixin, state_indices
 from .order import make_policy
 from .perturb import PerturbationRefused
 from .precision import GradScaler, check_scaler_state, device_type, scaler_arguments
-from .program import Program, StepContext
+from .program import Program, StepContext, micro_batch_count
 from .rng import BUILTIN_STREAMS, RngContract, seed_all_globals
 from .store.encode import flatten_state
 from .workers import BatchPlan, WorkerBatches, build_batch
@@ -208,17 +208,18 @@ class Engine:
         bit from any checkpoint, in any process."""
         if self.program.workers == 0:
             return build_batch(self.program, plan)
-        if self._worker_batches is None:
-            self._worker_batches = WorkerBatches(self, self.program.workers)
-        return self._worker_batches.batch(plan)
+        return self._workers().batch(plan)
 
     def start_workers(self) -> None:
         """Start the data-loader workers now (Program.workers > 0), prefetching from the step the
         engine is at, rather than with the first batch."""
         if self.program.workers > 0:
-            if self._worker_batches is None:
-                self._worker_batches = WorkerBatches(self, self.program.workers)
-            self._worker_batches.start(self.completed)
+            self._workers().start(self.completed)
+
+    def _workers(self) -> WorkerBatches:
+        if self._worker_batches is None:
+            self._worker_batches = WorkerBatches(self, self.program.workers)
+        return self._worker_batches
 
     def close(self) -> None:
         """Stop the data-loader workers, if any (they also stop when the engine is collected)."""
@@ -239,7 +240,7 @@ class Engine:
         active = [p for p in self.perturbations if p.start <= t < p.end]
         plan = self.batch_plan(t)
         ids = list(plan.ids)
-        parts = max(1, min(self.program.accumulate, len(ids)))  # as StepContext.micro_batches cuts them
+        parts = micro_batch_count(self.program.accumulate, len(ids))
         for index, ps in mid_step.items():
             if index >= parts:
                 raise PerturbationRefused(f"{ps[0].name}: micro_step {index}, but step {t} has {parts} micro-batch(es) "

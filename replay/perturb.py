@@ -37,6 +37,7 @@ import torch
 
 from .device import to_device
 from .order import make_policy
+from .workers import build_batch
 
 
 class PerturbationRefused(ValueError):
@@ -771,7 +772,7 @@ class BitFlip(Perturbation):
         """The model's input in the batch of step `start`, as the step would get it."""
         t = self.start
         # the batch the engine will build (data-order perturbations; each example seeded)
-        batch = engine.make_batch(t, engine.batch_plan(t).ids)
+        batch = build_batch(engine.program, engine.batch_plan(t))
         inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if not isinstance(inputs, torch.Tensor):
             raise PerturbationRefused(

@@ -57,6 +57,7 @@ class StepContext:
     program: "Program"
     # micro-batch index -> changes to make before it (a fork's perturbation with micro_step=i)
     micro_hooks: dict[int, list[Callable[[], None]]] = field(default_factory=dict)
+    scaler: Any = None  # the engine's replay.precision.GradScaler with Program.grad_scaler, else None
 
     def begin_micro_batch(self, index: int) -> None:
         """Call before running micro-batch `index` (0 for a step without accumulation): a fork
@@ -64,8 +65,6 @@ class StepContext:
         default step calls it; a custom step that does not is refused by such a fork."""
         for hook in self.micro_hooks.pop(index, ()):
             hook()
-
-    scaler: Any = None  # the engine's replay.precision.GradScaler with Program.grad_scaler, else None
 
     def autocast(self):
         """A context manager running its body under the program's autocast (Program.autocast:
@@ -81,7 +80,7 @@ class StepContext:
         the step has fewer examples), each as (ids, rows of ctx.batch). The split is a function
         of the ids the ledger records and of `accumulate`, so a replay cuts the same ones. The
         batch must be a tensor, or a tuple, list or dict of tensors, with one row per example."""
-        parts = max(1, min(self.program.accumulate, len(self.ids)))
+        parts = micro_batch_count(self.program.accumulate, len(self.ids))
         size, extra = divmod(len(self.ids), parts)
         out, start = [], 0
         for i in range(parts):
@@ -89,6 +88,12 @@ class StepContext:
             out.append((self.ids[start:end], _rows(self.batch, start, end, len(self.ids))))
             start = end
         return out
+
+
+def micro_batch_count(accumulate: int, examples: int) -> int:
+    """How many micro-batches a step of `examples` examples is cut into: Program.accumulate, or
+    fewer when the step has fewer examples (a dropped example can shrink a batch), at least one."""
+    return max(1, min(accumulate, examples))
 
 
 def _rows(batch, start: int, end: int, n: int):

@@ -12,7 +12,7 @@ import torch
 
 from .. import _numerics
 from ..fingerprinting import fingerprints, finish_many
-from .master import LOW_PRECISION, check_low_param, round_to
+from .master import LOW_PRECISION, round_to
 
 
 def check_param_group(optimizer_name: str, group: dict, float_keys: Sequence[str], master_weights: bool = False) -> None:
@@ -50,8 +50,10 @@ def check_dtype(optimizer_name: str, dtype: torch.dtype, grad_dtype: torch.dtype
     own precision: that arithmetic is not specified bit for bit here."""
     if dtype == torch.float32 and grad_dtype in (None, torch.float32):
         return
-    if master_weights and dtype in LOW_PRECISION and grad_dtype in (None, dtype):
-        return
+    if master_weights and dtype in LOW_PRECISION:
+        if grad_dtype in (None, dtype):
+            return
+        raise TypeError(f"replay.optim.{optimizer_name}: a {dtype} parameter with a {grad_dtype} gradient")
     if dtype.is_complex or (grad_dtype is not None and grad_dtype.is_complex):
         return  # refused by check_param_and_grad, with its own reason
     got = f"{dtype} / {grad_dtype}" if grad_dtype is not None else str(dtype)
@@ -188,19 +190,18 @@ class FusedOptimizerMixin:
                 continue
             weights, grads, low = [], [], []
             for p in params:
-                if self.master_weights and p.dtype in LOW_PRECISION:
-                    check_low_param(self._replay_name, p)
+                check_param_and_grad(self._replay_name, p, self.master_weights)
+                is_low = self.master_weights and p.dtype in LOW_PRECISION
+                if is_low:
                     master = self.state[p].get("master_param")
                     if master is None:  # the parameter widened to fp32: exact
                         master = self.state[p]["master_param"] = p.detach().to(torch.float32, copy=True)
                     weights.append(master)
-                    grads.append(p.grad.to(torch.float32))  # exact
-                    low.append(True)
+                    grads.append(contiguous_grad(p).to(torch.float32))  # exact
                 else:
-                    check_param_and_grad(self._replay_name, p, self.master_weights)
                     weights.append(p)
                     grads.append(contiguous_grad(p))
-                    low.append(False)
+                low.append(is_low)
             columns, sums, extra = self._replay_group_step(group, params, weights, grads)
             if any(low):
                 extra = self._write_low_precision(params, weights, low, columns, extra)

@@ -38,19 +38,3 @@ def round_to(master: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     words.masked_fill_(torch.isnan(master), CANONICAL_NAN)
     return low
 
-
-def check_low_param(optimizer_name: str, p: torch.Tensor) -> None:
-    """A low-precision parameter a master-weights step can take: its gradient of the same dtype,
-    device and shape, both contiguous."""
-    grad = p.grad
-    if grad.is_sparse:
-        raise RuntimeError(f"replay.optim.{optimizer_name} does not support sparse gradients")
-    if grad.dtype != p.dtype:
-        raise TypeError(f"replay.optim.{optimizer_name}: a {p.dtype} parameter with a {grad.dtype} gradient")
-    if grad.device != p.device:
-        raise ValueError(f"replay.optim.{optimizer_name}: gradient on {grad.device}, parameter on {p.device}")
-    if grad.shape != p.shape:
-        raise ValueError(f"replay.optim.{optimizer_name}: gradient shape {tuple(grad.shape)} != parameter shape {tuple(p.shape)}")
-    if not p.is_contiguous():
-        raise ValueError(f"replay.optim.{optimizer_name} needs contiguous parameters (got strides {p.stride()} "
-                         f"for shape {tuple(p.shape)})")
