@@ -340,14 +340,18 @@ def test_lifetimes_table_separates_its_columns(capsys):
 
 
 def test_a_reader_that_goes_away_ends_the_output_quietly(recorded):
-    """`replay inspect RUN | head -1`: the pipe closes under inspect's printing; replay stops
-    with status 141 (128 + SIGPIPE) and no traceback."""
+    """`replay inspect RUN | head -1`: the reader is gone when replay writes (here before it
+    starts, so that the write fails whatever the timing: with a reader that left after one line,
+    output that fits in the pipe's buffer may be written before it leaves); replay stops with
+    status 141 (128 + SIGPIPE) and no traceback."""
     _, run = recorded
-    proc = subprocess.Popen([sys.executable, "-m", "replay.cli", "inspect", str(run)], cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.readline()
-    proc.stdout.close()  # the reader goes away after one line
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    assert proc.wait() == 141, err
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: every write to the pipe fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "replay.cli", "inspect", str(run)], cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    err = proc.stderr.decode()
+    assert proc.returncode == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
