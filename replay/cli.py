@@ -2,6 +2,8 @@
 
     replay record PROGRAM --seed S --steps N --out DIR    record a run
     replay resume DIR                                     continue a stopped recording
+    (record, resume, verify and fork take --nproc N: N processes, torch.distributed; or
+     --distributed under torchrun)
     replay verify DIR [--from A] [--to B]                 replay and compare with the ledger
     replay inspect DIR [--json]                           summary, checkpoints, order, environment
     replay fork RUN --at T --perturb SPEC [...] --out DIR  a counterfactual child run
@@ -189,6 +191,8 @@ def _inspect_data(run: RunDir) -> dict:
         "optimizer": m["optimizer"],
         # replay.device.recorded_device's rule (not imported: inspect loads no torch)
         "device": m.get("device") or {"kind": "cpu", "device": "cpu"},
+        # processes that recorded it (replay.distributed); 1 when absent
+        "world_size": m.get("distributed", {}).get("world_size", 1),
         "rng": m["rng"],
         "checkpoints": sorted(ledger.checkpoints()),
         "epoch_order_hashes": {str(k): v for k, v in sorted(ledger.epochs().items())},
@@ -213,6 +217,9 @@ def _cmd_inspect(args) -> int:
     print(f"optimizer    {data['optimizer']['class']} (numerics {data['optimizer']['numerics']})")
     device = data["device"]
     print(f"device       {device['device']}" + (f" ({device['name']})" if device.get("name") else ""))
+    if data["world_size"] > 1:
+        print(f"processes    {data['world_size']} (torch.distributed, gloo; replay, resume and fork with "
+              f"--nproc {data['world_size']})")
     print(f"rng streams  {', '.join(data['rng']['streams'])}")
     print(f"checkpoints  {data['checkpoints']}")
     print("epoch order hashes")
@@ -520,12 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trace these steps op by op into the run (e.g. 0,100): references for `verify` elsewhere")
     p.add_argument("--device", metavar="DEVICE", help="run on this device instead of the program's (cpu, cuda, cuda:N)")
     p.add_argument("--no-progress", action="store_true")
+    _distributed_flags(p)
     p.set_defaults(func=_cmd_record)
 
     p = sub.add_parser("resume", help="continue a recording that stopped or crashed")
     p.add_argument("run")
     p.add_argument("--no-progress", action="store_true")
     allow_flags(p)
+    _distributed_flags(p)
     p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser("verify", help="check every file of a run, replay it and compare with its ledger and checkpoints")
@@ -538,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-check a forget certificate: recompute it from the ledgers and replay the child")
     p.add_argument("--no-progress", action="store_true")
     allow_flags(p)
+    _distributed_flags(p)
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("inspect", help="summary, checkpoints, order hashes, environment")
@@ -557,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the perturbation primitives")
     p.add_argument("--no-progress", action="store_true")
     allow_flags(p)
+    _distributed_flags(p)
     p.set_defaults(func=_cmd_fork)
 
     p = sub.add_parser("check", help="placebo forks at several steps: find state the program fails to capture")
@@ -756,10 +767,65 @@ def _error(message: str) -> None:
     print(f"replay: error: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _distributed_flags(p) -> None:
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="run as N processes on this machine (torch.distributed, gloo): each step's batch is "
+                        "shared out across the ranks; a run recorded so is replayed, resumed and forked with the same N")
+    p.add_argument("--distributed", action="store_true",
+                   help="join the world a launcher started (torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); "
+                        "rank 0 writes the run")
+
+
+def _dispatch(args, raw: list[str]) -> int:
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None:
+        from .distributed import launch
+
+        if args.distributed:
+            raise ValueError("--nproc starts the processes, --distributed joins processes a launcher started: give one")
+        _positive("--nproc", nproc)
+        return launch(raw, nproc)
+    if getattr(args, "distributed", False):
+        return _run_distributed(args)
+    return args.func(args)
+
+
+def _run_distributed(args) -> int:
+    """One rank of a run of several processes: rank 0 runs the command; the others follow it
+    (replay.distributed) and report an error of their own in one line naming their rank."""
+    from . import distributed
+
+    world = distributed.World.from_environment()
+    distributed.set_current(world)
     try:
-        status = args.func(args)
+        if world.leader:
+            status = 1
+            try:
+                status = args.func(args)
+            finally:
+                distributed.dismiss(world, status)
+            return status
+        args.no_progress = True
+        try:
+            return distributed.follow(world)
+        except Exception as error:  # rank 0 reports the run's own errors; this is what this rank saw
+            print(f"replay: rank {world.rank} of {world.size}: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
+            # An error every rank meets (a refused input) is rank 0's to report: give it the time
+            # to, so that a launcher sees rank 0's status first.
+            import time
+
+            time.sleep(3.0)
+            return 1
+    finally:
+        distributed.set_current(None)
+        world.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw)
+    try:
+        status = _dispatch(args, raw)
         sys.stdout.flush()  # here, where a reader that went away is caught (below), not at exit
         return status
     except KeyboardInterrupt:

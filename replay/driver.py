@@ -67,6 +67,7 @@ def load_run_program(run: RunDir, allow_source_change: bool, allow_environment_c
     only then is the file executed. An allowed change is recorded as an event (the run must be
     writable)."""
     manifest = run.manifest
+    check_world_size(run)
     recorded = manifest["program"]
     resolved = resolve_reference(recorded["reference"])
     run_root = os.path.realpath(run.path)
@@ -176,6 +177,36 @@ def _common(engine: Engine) -> dict:
             "environment": env_module.environment(engine.device.type)}
 
 
+def distributed_manifest(engine: Engine) -> dict:
+    """The manifest's "distributed" entry for a run of several processes ({} for one)."""
+    if engine.world is None:
+        return {}
+    return {"distributed": {"world_size": engine.world.size, "backend": "gloo",
+                            "gradients": "gathered, summed in rank order",
+                            "buffers": "rank 0's, after the backward passes"}}
+
+
+def check_world_size(run: RunDir) -> None:
+    """A run is replayed, resumed and forked by as many processes as recorded it: the shards,
+    each rank's random draws and the order of the gradient sum depend on the world size.
+    DistributedError (a clear refusal) otherwise."""
+    from .distributed import DistributedError, current
+
+    recorded = run.manifest.get("distributed", {}).get("world_size")
+    world = current()
+    now = world.size if world is not None else None
+    if recorded == now:
+        return
+    if recorded is None:
+        raise DistributedError(f"{run.path} was recorded by one process; replay, resume and fork it the same way "
+                               f"(without --nproc or --distributed), not by {now}")
+    how = f"--nproc {recorded} (or torchrun --nproc-per-node {recorded} ... --distributed)"
+    got = "one process" if now is None else f"a world of {now}"
+    raise DistributedError(f"{run.path} was recorded by {recorded} processes (world size {recorded}) and would be "
+                           f"run by {got}: each rank's share of a batch, its random draws and the order of the "
+                           f"gradient sum depend on the world size, so the bits would differ. Run it with {how}.")
+
+
 def root_manifest(program: Program, source: ProgramSource, engine: Engine, dropped_examples=(),
                   trace_steps=()) -> dict:
     """The manifest of a new recording of `program` (loaded from `source`), leaving
@@ -186,6 +217,7 @@ def root_manifest(program: Program, source: ProgramSource, engine: Engine, dropp
         **({"trace_steps": sorted(set(trace_steps))} if trace_steps else {}),
         # with the ledger's batch ids, what determines each step's micro-batches (StepContext.micro_batches)
         **({"accumulate": program.accumulate} if program.accumulate > 1 else {}),
+        **distributed_manifest(engine),
         **_common(engine),
         "first_step": 0,
         "status": "incomplete",
@@ -245,17 +277,30 @@ class Divergence:
     components: dict[str, list[str]] = field(default_factory=dict)
     batch: bool = False
     loss: tuple[float | None, float | None] | None = None
+    # A run of several processes: rank -> what parted there. The tensors (by component) in
+    # which the rank's state differs from rank 0's, or {} when only its digest differs from the
+    # recorded one.
+    ranks: dict[int, dict[str, list[str]]] = field(default_factory=dict)
 
     def describe(self) -> str:
         lines = [f"first divergence at step {self.step}"]
         if self.batch:
             lines.append("  batch ids differ")
         for component, names in sorted(self.components.items()):
-            shown = ", ".join(names[:8]) + (f", ... ({len(names)} tensors)" if len(names) > 8 else "")
-            lines.append(f"  {component}: {shown}")
+            lines.append(f"  {component}: {_shown(names)}")
+        for rank, parts in sorted(self.ranks.items()):
+            if parts:
+                lines.append(f"  rank {rank}: its state differs from rank 0's in "
+                             + "; ".join(f"{c}: {_shown(n)}" for c, n in sorted(parts.items())))
+            else:
+                lines.append(f"  rank {rank}: its digest differs from the recorded one")
         if self.loss is not None:
             lines.append(f"  loss recorded {self.loss[0]!r}, replayed {self.loss[1]!r}")
         return "\n".join(lines)
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f", ... ({len(names)} tensors)" if len(names) > 8 else "")
 
 
 def compare_fingerprints(recorded: dict[str, dict[str, int]], replayed: dict[str, dict[str, int]]) -> dict[str, list[str]]:
@@ -281,9 +326,14 @@ def compare_record(row: StepRow, record: StepRecord) -> Divergence | None:
     differing = compare_fingerprints(row.fingerprints, record.fingerprints)
     batch = row.batch_ids != record.ids
     loss_differs = not _same_float(row.loss, record.loss)
-    if differing or batch or loss_differs or row.digest != record.digest:
+    ranks = dict(record.rank_differences)
+    recorded, replayed = row.rank_digests or [], record.rank_digests or []
+    for rank in range(1, max(len(recorded), len(replayed))):
+        if rank not in ranks and (recorded[rank:rank + 1] != replayed[rank:rank + 1]):
+            ranks[rank] = {}
+    if differing or batch or loss_differs or ranks or row.digest != record.digest:
         return Divergence(step=row.step, components=differing, batch=batch,
-                          loss=(row.loss, record.loss) if loss_differs else None)
+                          loss=(row.loss, record.loss) if loss_differs else None, ranks=ranks)
     return None
 
 
@@ -338,7 +388,7 @@ def restore(run: RunDir, engine: Engine, step: int) -> None:
 def _row(record: StepRecord) -> StepRow:
     return StepRow(step=record.step, epoch=record.epoch, batch_ids=record.ids, batch_hash=batch_hash(record.ids),
                    loss=record.loss, lr=record.lr, metrics=record.metrics, fingerprints=record.fingerprints,
-                   digest=record.digest)
+                   digest=record.digest, rank_digests=record.rank_digests)
 
 
 class _CheckpointWriter:
@@ -403,6 +453,16 @@ def _record_steps(run: RunDir, engine: Engine, total: int, progress: bool, obser
             writer.submit(engine.completed, engine.state_dict())
         while engine.completed < total:
             record = engine.run_step()
+            if record.rank_differences:  # replicated state that disagrees: nothing after it is kept
+                from .distributed import RankDivergence
+
+                run.ledger.append_steps(pending)
+                pending = []
+                raise RankDivergence(f"{run.path}: after step {record.step} " + "; ".join(
+                    f"rank {rank}'s state differs from rank 0's in "
+                    + "; ".join(f"{c}: {_shown(n)}" for c, n in sorted(parts.items()))
+                    for rank, parts in sorted(record.rank_differences.items()))
+                    + " (replicated state that disagrees across ranks; the recording stops here)")
             if observe is not None:
                 observe(engine)
             pending.append(_row(record))

@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 
 from . import device as device_module
+from . import distributed
 from .ema import EMA
 from .fingerprinting import combine_state, fingerprints
 from .optim._common import FusedOptimizerMixin, state_indices
@@ -45,6 +47,10 @@ class StepRecord:
     metrics: dict[str, float]
     fingerprints: dict[str, dict[str, int]]
     digest: int
+    # In a run of several processes (replay.distributed): every rank's digest, in rank order,
+    # and per rank > 0 whose state differs from rank 0's, the tensors by component.
+    rank_digests: list[int] | None = None
+    rank_differences: dict[int, dict[str, list[str]]] = field(default_factory=dict)
 
 
 def _json_hash(obj) -> int:
@@ -69,7 +75,8 @@ def nested_fingerprints(state) -> dict[str, int]:
 
 def default_step(ctx: StepContext):
     """Forward and loss (under Program.autocast), backward (per micro-batch with
-    Program.accumulate; of the scaled loss with Program.grad_scaler), unscaling, gradient
+    Program.accumulate; of the scaled loss with Program.grad_scaler), the ranks' gradients
+    summed (in a run of several processes: replay.distributed), unscaling, gradient
     clipping (with Program.clip_grad_norm), optimizer step (through the scaler, which skips it
     on inf or NaN gradients), scaler update, EMA update."""
     ctx.model.train()
@@ -84,15 +91,18 @@ def default_step(ctx: StepContext):
         inputs, target = ctx.batch
         with ctx.autocast():
             loss = ctx.program.loss(ctx.model(inputs), target)
+            if ctx.world is not None and ctx.world.size > 1:  # this rank's share of the global batch
+                loss = loss * (len(ctx.ids) / len(ctx.global_ids))
         backward(loss)
     else:  # micro-batches in order; each loss weighted by its share, so the gradient is the batch's
         loss = 0.0
         for index, (ids, (inputs, target)) in enumerate(ctx.micro_batches()):
             ctx.begin_micro_batch(index)
-            with ctx.autocast():
-                part = ctx.program.loss(ctx.model(inputs), target) * (len(ids) / len(ctx.ids))
+            with ctx.autocast():  # global_ids: the whole batch, also in a run of several processes
+                part = ctx.program.loss(ctx.model(inputs), target) * (len(ids) / len(ctx.global_ids))
             backward(part)
             loss = loss + part.detach()
+    ctx.synchronize_ranks()  # several processes: the gradients summed over the ranks, rank 0's buffers
     metrics = {"loss": loss}
     if scaler is not None:
         scaler.unscale_(ctx.optimizer)  # clipping acts on the true gradients
@@ -118,6 +128,9 @@ def _as_float(value) -> float:
     return float(value)
 
 
+_engine_tokens = itertools.count()
+
+
 class Engine:
     """A program's live training state and the means to advance it one step at a time."""
 
@@ -125,11 +138,17 @@ class Engine:
         self.program = program
         # A perturbation may re-seed a stream: the child's contract is the parent's, changed.
         self.perturbations = list(perturbations)
+        self.base_contract = contract
         for p in self.perturbations:
             contract = p.contract(contract)
         self.contract = contract
         self.policy = make_policy(program.order if order_spec is None else order_spec,
                                   program.dataset_size(), program.batch_size, contract)
+        # A run of several processes (replay.distributed), or None; this engine's identity and
+        # whether its state was loaded since rank 0 last sent it to the other ranks.
+        self.world = distributed.current()
+        self.token = next(_engine_tokens)
+        self.state_loaded = False
         self.completed = 0
         # Checked before anything is built (or a run directory made), and for CUDA under the
         # deterministic settings from the start.
@@ -166,8 +185,9 @@ class Engine:
         "dropout" stream; return the generators of the other streams. A perturbation active at
         the step may draw it from another contract (redraw: other draws over its window only)."""
         contract = self.contract_at(step)
-        seed_all_globals(contract.seed("dropout", step))
-        return contract.generators(step)
+        rank = self.world.rank if self.world is not None else 0  # each rank its own draws
+        seed_all_globals(contract.seed("dropout", step, rank))
+        return contract.generators(step, rank=rank)
 
     def contract_at(self, step: int) -> RngContract:
         """The contract step `step` draws from: the run's, or a perturbation's for its window."""
@@ -186,6 +206,23 @@ class Engine:
         for p in self.perturbations:
             ids = list(p.batch_ids(self, step, ids))
         return self.plan_of(step, ids)
+
+    def rank_plan(self, step: int) -> BatchPlan:
+        """The part of batch_plan(step) this process builds: all of it, or in a run of several
+        processes this rank's contiguous share (replay.distributed.shard_bounds)."""
+        return self.rank_share(self.batch_plan(step))
+
+    def rank_share(self, plan: BatchPlan) -> BatchPlan:
+        world = self.world
+        if world is None or world.size == 1:
+            return plan
+        if len(plan.ids) < world.size:
+            raise distributed.DistributedError(
+                f"step {plan.step} has {len(plan.ids)} example(s), fewer than the {world.size} ranks: every rank "
+                "needs at least one (a larger batch, or fewer processes)")
+        a, b = distributed.shard_bounds(len(plan.ids), world.rank, world.size)
+        seeds = plan.example_seeds
+        return BatchPlan(plan.step, plan.ids[a:b], None if seeds is None else seeds[a:b], plan.collate_seed)
 
     def plan_of(self, step: int, ids) -> BatchPlan:
         """The plan of a batch of these ids at `step` (their seeds under the step's contract)."""
@@ -229,16 +266,24 @@ class Engine:
 
     def run_step(self) -> StepRecord:
         t = self.completed
+        world = self.world
+        starting = [p for p in self.perturbations if t == p.start]
+        for p in starting:
+            p.check(self)
+        if world is not None and world.leader:
+            if world.size > 1:
+                self.rank_share(self.batch_plan(t))  # too small a batch: refused before the others start
+            distributed.lead_step(world, self)
         mid_step: dict[int, list] = {}  # micro-batch index -> perturbations applied just before it
-        for p in self.perturbations:
-            if t == p.start:
-                p.check(self)
-                if p.micro_step is None:
-                    p.apply(self)
-                else:
-                    mid_step.setdefault(p.micro_step, []).append(p)
+        for p in starting:
+            if p.micro_step is None:
+                p.apply(self)
+            else:
+                mid_step.setdefault(p.micro_step, []).append(p)
         active = [p for p in self.perturbations if p.start <= t < p.end]
         plan = self.batch_plan(t)
+        global_ids = list(plan.ids)
+        plan = self.rank_share(plan)
         ids = list(plan.ids)
         parts = micro_batch_count(self.program.accumulate, len(ids))
         for index, ps in mid_step.items():
@@ -255,7 +300,7 @@ class Engine:
                           optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
                           components=self.components, generators=generators, program=self.program,
                           micro_hooks={i: [p.apply_to(self) for p in ps] for i, ps in mid_step.items()},
-                          scaler=self.scaler)
+                          scaler=self.scaler, global_ids=global_ids, world=world)
         if isinstance(self.optimizer, FusedOptimizerMixin):
             # A step in which the optimizer does not run (a scaler skipped it) must not report
             # the kernel's fingerprints of an earlier step: state may have changed since (a
@@ -278,6 +323,11 @@ class Engine:
                     f"{mid_step[index][0].name}: micro_step {index} never began: the step function did not call "
                     f"ctx.begin_micro_batch({index}) (the default step does; a custom step must, before each "
                     "micro-batch, for a fork to act on one)")
+            if world is not None and world.size > 1 and not ctx.ranks_synchronized:
+                raise distributed.DistributedError(
+                    f"step {t}: the step function never called ctx.synchronize_ranks() (the default step does; a "
+                    "custom step must, after its backward passes and before the optimizer step, in a run of "
+                    "several processes); the ranks' gradients were not summed")
             for p, token in reversed(tokens):  # undone before the scheduler reads the learning rate
                 p.end_step(self, t, token)
             if self.scheduler is not None:
@@ -299,8 +349,14 @@ class Engine:
         fresh_ema = self.ema is not None and self.ema.updates != ema_updates
         fps = self.fingerprints(fresh_ema=fresh_ema)
         loss = metrics.pop("loss", None)
-        return StepRecord(step=t, epoch=epoch, ids=ids, loss=loss, lr=None if lr is None else float(lr),
-                          metrics=metrics, fingerprints=fps, digest=digest_of(fps))
+        digest = digest_of(fps)
+        rank_digests, rank_differences = None, {}
+        if world is not None:
+            loss, rank_digests, rank_differences = distributed.gather_step(world, fps, digest, loss)
+            world.followers_waiting = True
+        return StepRecord(step=t, epoch=epoch, ids=global_ids, loss=loss, lr=None if lr is None else float(lr),
+                          metrics=metrics, fingerprints=fps, digest=digest, rank_digests=rank_digests,
+                          rank_differences=rank_differences)
 
     # -------------------------------------------------------------------- description ----
 
@@ -408,6 +464,7 @@ class Engine:
             component.load_state_dict(device_module.like(state["components"][name], component.state_dict()))
         if self.scaler is not None:
             self.scaler.load_state_dict(scaler_state)
+        self.state_loaded = True  # rank 0 sends it to the other ranks before the next step
 
 
 def digest_of(fps: dict[str, dict[str, int]]) -> int:

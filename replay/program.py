@@ -58,6 +58,29 @@ class StepContext:
     # micro-batch index -> changes to make before it (a fork's perturbation with micro_step=i)
     micro_hooks: dict[int, list[Callable[[], None]]] = field(default_factory=dict)
     scaler: Any = None  # the engine's replay.precision.GradScaler with Program.grad_scaler, else None
+    # In a run of several processes (replay.distributed) `ids` and `batch` are this rank's share
+    # of the step's batch, `global_ids` the whole batch (the ledger's); otherwise global_ids = ids.
+    global_ids: list[int] | None = None
+    world: Any = None  # replay.distributed.World, or None for one process
+    ranks_synchronized: bool = False
+
+    def __post_init__(self) -> None:
+        if self.global_ids is None:
+            self.global_ids = self.ids
+
+    def synchronize_ranks(self) -> None:
+        """Call once after the step's backward passes, before clipping and the optimizer step (the
+        default step does): in a run of several processes, every rank's gradients are summed in
+        rank order and rank 0's buffers (BatchNorm statistics) taken, so that every rank holds
+        the same bits (replay.distributed). Weight each rank's loss by len(ctx.ids) /
+        len(ctx.global_ids) so that the sum is the whole batch's gradient. Nothing happens in
+        one process; a custom step run on several that never calls it is stopped."""
+        if self.ranks_synchronized:
+            raise RuntimeError("ctx.synchronize_ranks() was already called in this step")
+        self.ranks_synchronized = True
+        if self.world is not None and self.world.size > 1:
+            self.world.sum_gradients(self.model.parameters())
+            self.world.broadcast_buffers(self.model)
 
     def begin_micro_batch(self, index: int) -> None:
         """Call before running micro-batch `index` (0 for a step without accumulation): a fork
@@ -190,6 +213,9 @@ class Program:
     collate: Callable[[list], Any] | None = None
     description: str = ""
     extra: dict = field(default_factory=dict)
+    # Where it was loaded from (a ProgramSource), set by load_program: the other ranks of a run
+    # of several processes load the same reference.
+    source: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not callable(self.model):
@@ -522,4 +548,6 @@ def load_program(reference: str, expected_sha256: str | None = None) -> tuple[Pr
     if not isinstance(program, Program):
         raise ProgramReferenceError(
             f"{reference!r} is a {type(program).__name__}, not a replay.Program (or a function returning one)")
-    return program, ProgramSource(reference=reference, path=path, sha256=sha256)
+    source = ProgramSource(reference=reference, path=path, sha256=sha256)
+    program.source = source
+    return program, source

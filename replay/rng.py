@@ -247,22 +247,28 @@ class RngContract:
                 key = f"{stream}#{salt}"
         return key
 
-    def seed(self, stream: str, step: int) -> int:
-        """The seed of a declared stream at a step (an int in [0, 2**63))."""
-        return stream_seed(self._run_seed, self.key(stream, step), step)
+    def seed(self, stream: str, step: int, rank: int = 0) -> int:
+        """The seed of a declared stream at a step (an int in [0, 2**63)). In a run of several
+        processes (replay.distributed) rank r > 0 draws from the key f"{key}#rank{r}" ("#" never
+        appears in a declared name, and a re-seed's suffix is a number), rank 0 from the key
+        itself: a one-process run is rank 0 of a world of one."""
+        key = self.key(stream, step)
+        if rank:
+            key = f"{key}#rank{_check_int(rank, 'rank')}"
+        return stream_seed(self._run_seed, key, step)
 
-    def generator(self, stream: str, step: int, device="cpu") -> torch.Generator:
-        """A fresh torch.Generator on `device` seeded with seed(stream, step)."""
-        seed = self.seed(stream, step)
+    def generator(self, stream: str, step: int, device="cpu", rank: int = 0) -> torch.Generator:
+        """A fresh torch.Generator on `device` seeded with seed(stream, step, rank)."""
+        seed = self.seed(stream, step, rank)
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
         return generator
 
-    def generators(self, step: int, device="cpu") -> "StepGenerators":
+    def generators(self, step: int, device="cpu", rank: int = 0) -> "StepGenerators":
         """Fresh generators at `step` for every declared stream except "dropout" (which seeds
         torch's global generators through seed_global): a read-only mapping that makes each
         generator when it is first looked up (most steps use one stream or none)."""
-        return StepGenerators(self, step, device)
+        return StepGenerators(self, step, device, rank)
 
     def example_seed(self, step: int, example) -> int:
         """The seed for building example `example` (its id, or "collate") of the batch of `step`:
@@ -357,10 +363,10 @@ class StepGenerators(Mapping):
     """{stream: torch.Generator} of one step, made on first lookup. A generator is a pure
     function of (contract, stream, step), so when it is made changes nothing."""
 
-    __slots__ = ("_contract", "_step", "_device", "_made", "_names")
+    __slots__ = ("_contract", "_step", "_device", "_rank", "_made", "_names")
 
-    def __init__(self, contract: RngContract, step: int, device="cpu"):
-        self._contract, self._step, self._device = contract, step, device
+    def __init__(self, contract: RngContract, step: int, device="cpu", rank: int = 0):
+        self._contract, self._step, self._device, self._rank = contract, step, device, rank
         self._names = tuple(s for s in contract.streams if s != "dropout")
         self._made: dict[str, torch.Generator] = {}
 
@@ -370,7 +376,7 @@ class StepGenerators(Mapping):
             if stream not in self._names:
                 raise KeyError(f"no generator for stream {stream!r} in a step; the streams are {list(self._names)} "
                                "(\"dropout\" seeds torch's global generators)")
-            generator = self._made[stream] = self._contract.generator(stream, self._step, self._device)
+            generator = self._made[stream] = self._contract.generator(stream, self._step, self._device, self._rank)
         return generator
 
     def __iter__(self):

@@ -97,7 +97,7 @@ class _Plans(torch.utils.data.Sampler):
             if engine is None:
                 return
             try:
-                plan = engine.batch_plan(step)
+                plan = engine.rank_plan(step)  # this rank's share in a run of several processes
             except Exception:  # raised again, in its place, when the engine runs the step
                 plan = _PlanError(step)
             del engine  # not held while suspended

@@ -10,7 +10,9 @@ lossy REAL never touch it)::
           batch_hash TEXT, loss TEXT, lr TEXT,      -- float_to_text, NULL for None
           metrics TEXT,                             -- JSON {name: float_to_text}
           fingerprints TEXT,                        -- JSON {component: {tensor: 16 hex digits}}
-          digest TEXT)                              -- 16 hex digits
+          digest TEXT,                              -- 16 hex digits
+          rank_digests TEXT)                        -- JSON [16 hex digits per rank], NULL for one
+                                                    -- process (absent from earlier ledgers)
     epochs(epoch INTEGER PRIMARY KEY, order_hash TEXT)
     checkpoints(step INTEGER PRIMARY KEY, files TEXT)   -- JSON {file name: sha256}
     events(id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL, kind TEXT, detail TEXT)  -- JSON
@@ -57,7 +59,8 @@ CREATE TABLE steps(
     lr TEXT,
     metrics TEXT NOT NULL,
     fingerprints TEXT NOT NULL,
-    digest TEXT NOT NULL
+    digest TEXT NOT NULL,
+    rank_digests TEXT
 );
 CREATE TABLE epochs(epoch INTEGER PRIMARY KEY, order_hash TEXT NOT NULL);
 CREATE TABLE checkpoints(step INTEGER PRIMARY KEY, files TEXT NOT NULL);
@@ -91,6 +94,9 @@ class StepRow:
     metrics: dict[str, float]
     fingerprints: dict[str, dict[str, int]]
     digest: int
+    # A run of several processes (replay.distributed): the digest of each rank's state, in rank
+    # order (rank 0's is `digest`); None for one process.
+    rank_digests: list[int] | None = None
 
 
 def _u64(value, what: str) -> int:
@@ -157,8 +163,13 @@ def _encode_row(row: StepRow) -> tuple:
                 fp = _u64(fp, f"fingerprint {comp}/{name}")  # raises with the reason, or normalizes
             fps[comp][name] = f"{fp:016x}"
     digest = f"{_u64(row.digest, 'StepRow.digest'):016x}"
+    ranks = None
+    if row.rank_digests is not None:
+        if not isinstance(row.rank_digests, (list, tuple)) or not row.rank_digests:
+            raise TypeError("StepRow.rank_digests must be a non-empty list of ints, or None")
+        ranks = _dumps([f"{_u64(d, f'StepRow.rank_digests[{r}]'):016x}" for r, d in enumerate(row.rank_digests)])
     return (step, epoch, _dumps(batch_ids), row.batch_hash, loss, lr, _dumps(metrics),
-            _dumps(fps), digest)
+            _dumps(fps), digest, ranks)
 
 
 def _hex_u64(text) -> int:
@@ -191,8 +202,17 @@ def _decode_ids(text) -> list[int]:
     return ids
 
 
+def _decode_rank_digests(text) -> list[int] | None:
+    if text is None:
+        return None
+    digests = _loads(text)
+    if type(digests) is not list or not digests:
+        raise ValueError("rank_digests is not a non-empty JSON list")
+    return [_hex_u64(d) for d in digests]
+
+
 def _decode_row(r: tuple) -> StepRow:
-    step, epoch, batch_ids, batch_hash, loss, lr, metrics, fps, digest = r
+    step, epoch, batch_ids, batch_hash, loss, lr, metrics, fps, digest, ranks = r
     ids = _decode_ids(batch_ids)
     return StepRow(
         step=step,
@@ -207,10 +227,13 @@ def _decode_row(r: tuple) -> StepRow:
             for comp, tensors in _loads(fps).items()
         },
         digest=_hex_u64(digest),
+        rank_digests=_decode_rank_digests(ranks),
     )
 
 
 _STEP_COLUMNS = "step, epoch, batch_ids, batch_hash, loss, lr, metrics, fingerprints, digest"
+# Ledgers written before runs of several processes have no rank_digests column: read as NULL.
+_RANK_COLUMN = "rank_digests"
 
 
 class Ledger:
@@ -224,6 +247,10 @@ class Ledger:
         self._path = path
         self._conn: sqlite3.Connection | None = conn
         self._writable = writable
+        with _sqlite_errors(path):
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(steps)").fetchall()}
+        self._has_rank_column = _RANK_COLUMN in columns
+        self._select = f"{_STEP_COLUMNS}, {_RANK_COLUMN if self._has_rank_column else 'NULL'}"
 
     # ------------------------------------------------------------------ opening ----
 
@@ -343,11 +370,15 @@ class Ledger:
         encoded = [_encode_row(r) for r in rows]
         if not encoded:
             return
+        if not self._has_rank_column and any(values[-1] is not None for values in encoded):
+            raise RunError(f"{self._path}: this ledger predates runs of several processes; it cannot hold per-rank digests")
+        columns = f"{_STEP_COLUMNS}, {_RANK_COLUMN}" if self._has_rank_column else _STEP_COLUMNS
+        marks = ",".join("?" * (10 if self._has_rank_column else 9))
         with self._write() as conn:
             for values in encoded:
                 try:
-                    conn.execute(f"INSERT INTO steps({_STEP_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                                 values)
+                    conn.execute(f"INSERT INTO steps({columns}) VALUES ({marks})",
+                                 values if self._has_rank_column else values[:-1])
                 except sqlite3.IntegrityError:
                     raise ValueError(
                         f"{self._path}: step {values[0]} is already recorded "
@@ -356,7 +387,7 @@ class Ledger:
 
     def step_row(self, step: int) -> StepRow | None:
         """The row of ``step``, or None if it is not recorded."""
-        rows = self._query(f"SELECT {_STEP_COLUMNS} FROM steps WHERE step = ?",
+        rows = self._query(f"SELECT {self._select} FROM steps WHERE step = ?",
                            (_int(step, "step", None),))
         return self._decode(f"row of step {step}", _decode_row, rows[0]) if rows else None
 
@@ -365,7 +396,7 @@ class Ledger:
         lo = -(1 << 63) if start is None else _int(start, "start", None)
         hi = (1 << 63) - 1 if end is None else _int(end, "end", None)
         rows = self._query(
-            f"SELECT {_STEP_COLUMNS} FROM steps WHERE step BETWEEN ? AND ? ORDER BY step", (lo, hi)
+            f"SELECT {self._select} FROM steps WHERE step BETWEEN ? AND ? ORDER BY step", (lo, hi)
         )
         return [self._decode(f"row of step {r[0]}", _decode_row, r) for r in rows]
 

@@ -443,7 +443,10 @@ MANIFEST = Obj(
               # Absent in runs recorded before devices existed: those ran on the CPU.
               "device": Obj(required={"kind": Str(16, choices=("cpu", "cuda")),
                                       "device": Str(32, pattern=r"cpu|cuda(:(0|[1-9][0-9]{0,5}))?")},
-                            optional={"name": Str(256)}, closed=True)},
+                            optional={"name": Str(256)}, closed=True),
+              # A run of several processes (replay.distributed); absent for one process.
+              "distributed": Obj(required={"world_size": Int(1, 1 << 16), "backend": Str(16, choices=("gloo",))},
+                                 optional={"gradients": Str(256), "buffers": Str(256)}, closed=True)},
 )
 
 

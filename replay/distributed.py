@@ -1,0 +1,438 @@
+"""Runs of several processes (torch.distributed). `replay record|resume|verify|fork --nproc N`
+starts N processes on this machine (`launch`); `--distributed` joins a world that torchrun or
+another launcher started (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; `World.from_environment`).
+
+How a step runs in a world of N ranks (the engine's part is in engine.py):
+
+* The global batch is the one-process plan (the order policy, then any data-order
+  perturbation); rank r takes the r-th of N contiguous shards (sizes differing by at most one,
+  the first ones larger: `shard_bounds`). Each example is built from its own seed, as in one
+  process, so an example's bits do not depend on N or on its rank.
+* Each rank draws its own random streams: rank 0 the one-process draws, rank r > 0 those of
+  RngContract.seed(stream, step, rank=r) (dropout masks differ across ranks, as in DDP).
+* Gradients: each rank's loss is weighted by its shard's share of the global batch; after the
+  backward passes `StepContext.synchronize_ranks()` gathers every rank's gradients (one flat
+  buffer per dtype, in parameter order) and sums them in rank order, on every rank, and takes
+  rank 0's buffers (BatchNorm statistics). Every rank then holds the same bits, fixed by the
+  parameter order and N alone. There is no DistributedDataParallel wrapper, so none of its
+  hazards: no gradient buckets rebuilt after the first iteration (a resumed or forked run would
+  start with another layout), no `bucket_cap_mb` that changes the bits, no reduction order
+  chosen by the backend's algorithm.
+* After every step each rank fingerprints its whole state; the fingerprints are gathered, the
+  ledger row records every rank's digest, and a rank whose state differs from rank 0's is a
+  divergence naming the rank and the tensors (a recording stops there with `RankDivergence`).
+
+Rank 0 is the only process that touches the run directory and runs the command itself (record,
+resume, verify, fork: the one-process code). The other ranks follow it (`follow`): before the
+first step of each engine, and after its state was loaded, rank 0 sends them how to build the
+engine (program reference and hash, overrides, RNG contract, order, perturbations) and its whole
+state (safetensors bytes and a JSON skeleton: no pickle); then, before every step, the step. A
+follower runs the same steps with the same collectives, and exits when rank 0 says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+
+from .store import RunError
+
+__all__ = ["DistributedError", "RankDivergence", "World", "current", "follow", "launch", "shard_bounds"]
+
+ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# A collective that waits longer than this has lost a peer (rank 0 reading a large run may keep
+# the others waiting for minutes, so it is generous).
+TIMEOUT = timedelta(minutes=30)
+
+
+class DistributedError(RunError):
+    """A run of several processes that cannot go on: a missing launcher variable, a world size
+    other than the recorded one, a step with fewer examples than ranks."""
+
+
+class RankDivergence(RunError):
+    """After a step, a rank's state differs from rank 0's (replicated state that disagrees)."""
+
+
+def shard_bounds(examples: int, rank: int, size: int) -> tuple[int, int]:
+    """[start, end) of rank `rank`'s contiguous share of a batch of `examples` examples split
+    over `size` ranks: sizes differ by at most one, the first ones larger."""
+    base, extra = divmod(examples, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+@dataclass
+class World:
+    """This process's place in a run of several processes, and the collectives replay uses."""
+
+    rank: int
+    size: int
+    local_rank: int = 0
+    # rank 0: the engine the followers hold a copy of (its token), and whether they are waiting
+    # for a command (between steps) rather than inside a step's collectives
+    mirrored: object = None
+    followers_waiting: bool = True
+    _nccl: object = field(default=None, repr=False)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> "World":
+        """Join the world a launcher started (torchrun, or `launch`): gloo over TCP."""
+        missing = [k for k in ENVIRONMENT if not os.environ.get(k)]
+        if missing:
+            raise DistributedError(
+                f"--distributed joins a world a launcher started, but {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set (torchrun sets them); "
+                "`--nproc N` starts N processes on this machine instead")
+        try:
+            rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        except ValueError:
+            raise DistributedError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+        if not 0 <= rank < size:
+            raise DistributedError(f"RANK {rank} is not in [0, WORLD_SIZE {size})")
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", rank=rank, world_size=size, timeout=TIMEOUT)
+        if torch.cuda.is_available():  # "cuda" means this rank's own device
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return cls(rank=rank, size=size, local_rank=local_rank)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---------------------------------------------------------------- collectives ----
+
+    def _group_for(self, tensor: torch.Tensor):
+        """gloo for CPU tensors; an nccl group (made once) for CUDA tensors."""
+        if tensor.device.type != "cuda":
+            return None
+        if self._nccl is None:
+            import torch.distributed as dist
+
+            self._nccl = dist.new_group(backend="nccl")
+        return self._nccl
+
+    def broadcast_bytes(self, data: bytes | None) -> bytes:
+        """Rank 0's bytes, on every rank (others pass None)."""
+        import torch.distributed as dist
+
+        length = torch.tensor([len(data) if self.leader else 0], dtype=torch.int64)
+        dist.broadcast(length, 0)
+        buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.leader and data
+                  else torch.empty(int(length.item()), dtype=torch.uint8))
+        if buffer.numel():
+            dist.broadcast(buffer, 0)
+        return data if self.leader else bytes(buffer.numpy())
+
+    def broadcast_json(self, obj=None):
+        text = json.dumps(obj, sort_keys=True, allow_nan=True).encode() if self.leader else None
+        return json.loads(self.broadcast_bytes(text).decode())
+
+    def broadcast_state(self, state=None):
+        """Rank 0's nested state (a checkpoint's: tensors and plain values) on every rank, sent
+        as a JSON skeleton and safetensors bytes."""
+        from safetensors.torch import load, save
+
+        from .device import host_copy
+        from .store.encode import flatten_state, unflatten_state
+
+        if self.leader:
+            skeleton, tensors = flatten_state(host_copy(state))
+            self.broadcast_json(skeleton)
+            self.broadcast_bytes(save({k: t.contiguous() for k, t in tensors.items()}))
+            return state
+        skeleton = self.broadcast_json()
+        return unflatten_state(skeleton, load(self.broadcast_bytes(None)))
+
+    def all_gather_int64(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's int64 vector (the same length on every rank), as rows in rank order."""
+        import torch.distributed as dist
+
+        rows = [torch.empty_like(values) for _ in range(self.size)]
+        dist.all_gather(rows, values)
+        return torch.stack(rows)
+
+    def sum_gradients(self, parameters) -> None:
+        """Every rank's gradients summed in rank order (((g0 + g1) + g2) + ...), on every rank:
+        one flat buffer per (device, dtype), in parameter order. A parameter with a gradient on
+        some rank and none on another counts as zeros there; one with none anywhere stays None."""
+        import torch.distributed as dist
+
+        parameters = [p for p in parameters if p.requires_grad]
+        has = torch.tensor([p.grad is not None for p in parameters], dtype=torch.int64)
+        has = self.all_gather_int64(has).amax(dim=0).tolist()
+        groups: dict[tuple, list[torch.nn.Parameter]] = {}
+        for p, present in zip(parameters, has):
+            if present:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                groups.setdefault((str(p.grad.device), p.grad.dtype), []).append(p)
+        for members in groups.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in members])
+            parts = [torch.empty_like(flat) for _ in range(self.size)]
+            dist.all_gather(parts, flat, group=self._group_for(flat))
+            total = parts[0]
+            for part in parts[1:]:
+                total.add_(part)
+            offset = 0
+            for p in members:
+                n = p.grad.numel()
+                p.grad.copy_(total[offset:offset + n].view_as(p.grad))
+                offset += n
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics, ...) in `module`, on every rank."""
+        import torch.distributed as dist
+
+        for _, buffer in sorted(module.named_buffers(), key=lambda item: item[0]):
+            dist.broadcast(buffer.data, 0, group=self._group_for(buffer))
+
+
+_current: World | None = None
+
+
+def current() -> World | None:
+    """The world this process belongs to (a `--distributed` command), or None."""
+    return _current
+
+
+def set_current(world: World | None) -> None:
+    global _current
+    _current = world
+
+
+# ------------------------------------------------------------ after every step ----
+
+_U64 = 1 << 64
+
+
+def _signed(value: int) -> int:
+    return value - _U64 if value >= 1 << 63 else value
+
+
+def gather_step(world: World, fps: dict[str, dict[str, int]], digest: int, loss: float | None):
+    """Every rank's fingerprints after a step, gathered on every rank: (the global batch's loss:
+    the ranks' weighted shares summed in rank order, every rank's digest, per rank whose state
+    differs from rank 0's the differing tensors by component)."""
+    import struct
+
+    from .engine import _json_hash
+
+    names = sorted((c, n) for c, entries in fps.items() for n in entries)
+    loss_bits = 0 if loss is None else struct.unpack("<q", struct.pack("<d", loss))[0]
+    header = torch.tensor([len(names), _signed(_json_hash(names)), _signed(digest), int(loss is not None), loss_bits],
+                          dtype=torch.int64)
+    headers = world.all_gather_int64(header)
+    rank_digests = [v % _U64 for v in headers[:, 2].tolist()]
+    losses = [struct.unpack("<d", struct.pack("<q", b))[0] if has else None
+              for has, b in zip(headers[:, 3].tolist(), headers[:, 4].tolist())]
+    total = None
+    if all(v is not None for v in losses):
+        total = losses[0]
+        for v in losses[1:]:
+            total += v
+    length = int(headers[:, 0].max())
+    values = torch.zeros(length, dtype=torch.int64)
+    values[:len(names)] = torch.tensor([_signed(fps[c][n]) for c, n in names], dtype=torch.int64)
+    rows = world.all_gather_int64(values)
+    differences: dict[int, dict[str, list[str]]] = {}
+    for r in range(1, world.size):
+        if headers[r, 1] != headers[0, 1] or headers[r, 0] != headers[0, 0]:
+            differences[r] = {"_structure": ["the ranks hold different sets of state tensors"]}
+            continue
+        differ = (rows[r, :len(names)] != rows[0, :len(names)]).nonzero().flatten().tolist()
+        for i in differ:
+            component, name = names[i]
+            differences.setdefault(r, {}).setdefault(component, []).append(name)
+    return total, rank_digests, differences
+
+
+# -------------------------------------------------------------------- rank 0's side ----
+
+
+def engine_description(engine) -> dict:
+    """What a follower needs to build a copy of rank 0's engine (before its state arrives)."""
+    program = engine.program
+    source = getattr(program, "source", None)
+    if source is None:
+        raise DistributedError("a run of several processes needs a program loaded from a reference "
+                               "(module:attribute or file.py:attribute), which every rank loads")
+    return {
+        "reference": source.reference,
+        "sha256": source.sha256,
+        "overrides": {"seed": program.seed, "steps": program.steps, "checkpoint_every": program.checkpoint_every,
+                      "checkpoint_log_spaced": program.checkpoint_log_spaced, "device": program.device},
+        "rng": engine.base_contract.to_json(),
+        "order": engine.policy.to_json(),
+        "perturbations": [p.to_json() for p in engine.perturbations],
+    }
+
+
+def lead_step(world: World, engine) -> None:
+    """Rank 0, before each step: bring the followers' engine in line with this one (a new
+    engine, or state loaded since), then tell them to run the step."""
+    if world.mirrored is not engine.token or engine.state_loaded:
+        world.broadcast_json({"do": "engine", "engine": engine_description(engine)})
+        world.broadcast_state(engine.state_dict())
+        world.mirrored, engine.state_loaded = engine.token, False
+    world.broadcast_json({"do": "step", "step": engine.completed})
+    world.followers_waiting = False
+
+
+def dismiss(world: World, code: int) -> None:
+    """Rank 0, at the end of the command (`code`: its exit status): tell the followers to exit. Followers
+    inside a step's collectives (rank 0 failed mid-step) cannot hear it; their launcher stops
+    them (`launch` does; torchrun stops the other ranks when one fails)."""
+    if world.followers_waiting:
+        world.broadcast_json({"do": "exit", "code": code})
+
+
+# ------------------------------------------------------------------ the followers ----
+
+
+def follow(world: World) -> int:
+    """Ranks > 0: run what rank 0 says until it says exit; then return 0."""
+    from .engine import Engine
+    from .perturb import from_spec
+    from .program import load_program
+    from .rng import RngContract
+
+    engine = None
+    try:
+        while True:
+            command = world.broadcast_json()
+            what = command.get("do")
+            if what == "exit":  # rank 0's status is the command's; this rank did its part
+                return 0
+            if what == "engine":
+                spec = command["engine"]
+                if engine is not None:
+                    engine.close()
+                program, _ = load_program(spec["reference"], expected_sha256=spec["sha256"])
+                program = program.with_overrides(**spec["overrides"])
+                engine = Engine(program, RngContract.from_json(spec["rng"]), spec["order"],
+                                [from_spec(p) for p in spec["perturbations"]])
+                engine.load_state_dict(world.broadcast_state())
+            elif what == "step":
+                if engine is None or engine.completed != command["step"]:
+                    raise DistributedError(f"rank {world.rank}: told to run step {command['step']} "
+                                           f"with engine at {None if engine is None else engine.completed}")
+                engine.run_step()
+            else:
+                raise DistributedError(f"rank {world.rank}: unknown command {command!r}")
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+# ------------------------------------------------------------------------ launching ----
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line with `--nproc N` (or `--nproc=N`) taken out."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """Run `replay ARGV --distributed` as `nproc` processes on this machine (gloo over
+    127.0.0.1) and return rank 0's exit status. When one process dies (killed, or an error on a
+    rank other than 0), the others are stopped: they would wait for it forever. Each rank runs
+    with OMP_NUM_THREADS=1 unless it is set (as torchrun does): the thread count is part of the
+    recorded environment, so a replay must use the same."""
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"--nproc {nproc!r}: must be a positive int")
+    port = _free_port()
+    processes = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        command = [sys.executable, "-m", "replay.cli", *without_nproc(argv), "--distributed"]
+        # A follower's errors are shown only when its failure is the one reported: an error every
+        # rank meets (a refused input) is rank 0's to report, once.
+        processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                          stderr=None if rank == 0 else subprocess.PIPE))
+    errors = {rank: [] for rank in range(1, nproc)}
+    readers = [threading.Thread(target=lambda p=p, sink=errors[r]: sink.append(p.stderr.read()), daemon=True)
+               for r, p in enumerate(processes) if r > 0]
+    for reader in readers:
+        reader.start()
+    interrupted = False
+    failed: list[int] = []
+    try:
+        while True:
+            codes = [p.poll() for p in processes]
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if codes[0] is not None or failed:
+                break
+            time.sleep(0.05)
+        # Rank 0 done (its followers exit on its word) or another rank failed (rank 0 fails soon
+        # after, or waits for it forever): give them a moment, then stop them.
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        killed = set()
+        for rank, p in enumerate(processes):
+            if p.poll() is None:
+                p.kill()
+                killed.add(rank)
+        for p in processes:
+            p.wait()
+        for reader in readers:
+            reader.join(timeout=5)
+    codes = [p.returncode for p in processes]
+
+    def show(rank: int) -> None:
+        text = b"".join(errors.get(rank, [])).decode(errors="replace")
+        if text:
+            sys.stderr.write(text if text.endswith("\n") else text + "\n")
+
+    if interrupted:
+        return 130
+    if failed and 0 not in failed:  # another rank died first: rank 0 failed for it or waited for it
+        bad = failed[0]
+        show(bad)
+        print(f"replay: error: rank {bad} of {nproc} exited with status {codes[bad]}; the other ranks "
+              "were stopped (a recording stays resumable: `replay resume RUN --nproc "
+              f"{nproc}`)", file=sys.stderr)
+        return 1
+    if codes[0] == 0 and any(codes[1:]):
+        bad = next(r for r in range(1, nproc) if codes[r])
+        show(bad)
+        print(f"replay: error: rank {bad} of {nproc} exited with status {codes[bad]}", file=sys.stderr)
+        return 1
+    return codes[0] if codes[0] >= 0 else 128 - codes[0]
