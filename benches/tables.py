@@ -18,7 +18,7 @@ import sys
 from collections import defaultdict
 
 GROUPS = ["optimizer step", "fingerprint", "recording overhead", "fork latency", "experiment throughput", "forget", "trace",
-          "data workers", "scaling"]
+          "data workers", "scaling", "distributed recording"]
 DEFAULT_COMMAND = "pytest benches/ --benchmark-only --benchmark-json=benches/results.json  (make bench)"
 
 
@@ -318,14 +318,34 @@ def scaling(benches: list[dict]) -> str:
               "of every candidate at one thread count agree (checked). No goal: the gain depends on the free cores.")
 
 
+def distributed_recording(benches: list[dict]) -> str:
+    rows = []
+    for b in benches:
+        info = b["extra_info"]
+        for name, f in info["candidates"].items():
+            rows.append([f"`{name}`" if name.startswith("--") else name, f"{f['step_ms']:.1f}",
+                         f"{f['vs_1_thread']:.2f}x",
+                         "-" if f["vs_2_threads"] is None else f"{f['vs_2_threads']:.2f}x", f"{f['startup_s']:.1f}",
+                         f"{info['rounds']}"])
+    info = benches[0]["extra_info"]
+    return (table(["recorded by", "step ms", "time / 1 process, 1 thread", "time / 1 process, 2 threads",
+                   "start-up s", "rounds"], rows, ["---"] + ["---:"] * 5)
+            + f"\n\n`{info['program']}`, global batch {info['batch_size']}: the time per step is that of "
+              f"`replay record` over {info['steps']} steps less {info['short']} steps (start-up removed), "
+              "checkpoints and ledger included; below 1x is faster. `--nproc 1` records the same bits as one "
+              "process with one thread (checked). No goal: the gain depends on the free cores.")
+
+
 RENDER = {"optimizer step": optimizer_step, "fingerprint": fingerprint, "recording overhead": recording_overhead,
           "fork latency": fork_latency, "experiment throughput": experiment_throughput, "forget": forget,
-          "trace": trace, "data workers": data_workers, "scaling": scaling}
+          "trace": trace, "data workers": data_workers, "scaling": scaling,
+          "distributed recording": distributed_recording}
 TITLES = {"optimizer step": "Optimizer step", "fingerprint": "Fingerprint: replay.fingerprint vs torch.sum",
           "recording overhead": "Recording overhead at default settings", "fork latency": "Fork latency",
           "experiment throughput": "Experiment throughput", "forget": "Forget vs full retraining",
           "trace": "Tracing a step", "data workers": "Data-loader workers on a CPU-heavy augmentation",
-          "scaling": "Experiment scaling: local processes and Ray"}
+          "scaling": "Experiment scaling: local processes and Ray",
+          "distributed recording": "Recording by several processes (DDP) against one"}
 
 
 def render(doc: dict, command: str = DEFAULT_COMMAND) -> str:

@@ -120,8 +120,20 @@ class World:
     # ---------------------------------------------------------------- collectives ----
 
     def _group_for(self, tensor: torch.Tensor):
-        """gloo for CPU tensors; an nccl group (made once) for CUDA tensors."""
+        """The group a tensor's collectives use: gloo for CPU tensors; for CUDA tensors nccl (a
+        group made once) when every rank of this node has a GPU of its own, else gloo, which
+        stages them through the host (nccl refuses two ranks on one GPU).
+        REPLAY_CUDA_COLLECTIVES=nccl|gloo chooses. The transport only copies: every sum is
+        replay's own (sum_gradients), so the bits do not depend on it."""
         if tensor.device.type != "cuda":
+            return None
+        choice = os.environ.get("REPLAY_CUDA_COLLECTIVES", "auto")
+        if choice not in ("auto", "nccl", "gloo"):
+            raise DistributedError(f"REPLAY_CUDA_COLLECTIVES={choice!r}: use nccl, gloo or auto")
+        if choice == "auto":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
+            choice = "nccl" if torch.cuda.device_count() >= local else "gloo"
+        if choice == "gloo":
             return None
         if self._nccl is None:
             import torch.distributed as dist
@@ -351,6 +363,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In a rank, before it runs: on Linux, be killed when the launcher dies (kill -9 of the
+    launcher leaves no rank running on, writing a run nobody waits for)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def without_nproc(argv: list[str]) -> list[str]:
     """The command line with `--nproc N` (or `--nproc=N`) taken out."""
     out, skip = [], False
@@ -382,7 +407,8 @@ def launch(argv: list[str], nproc: int) -> int:
         # A follower's errors are shown only when its failure is the one reported: an error every
         # rank meets (a refused input) is rank 0's to report, once.
         processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
-                                          stderr=None if rank == 0 else subprocess.PIPE))
+                                          stderr=None if rank == 0 else subprocess.PIPE,
+                                          preexec_fn=_die_with_parent))
     errors = {rank: [] for rank in range(1, nproc)}
     readers = [threading.Thread(target=lambda p=p, sink=errors[r]: sink.append(p.stderr.read()), daemon=True)
                for r, p in enumerate(processes) if r > 0]

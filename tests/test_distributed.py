@@ -183,9 +183,15 @@ def test_torchrun_distributed_equals_nproc(recorded, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
                "-m", "replay.cli", "record", f"{PROGRAMS}:mlp", "--out", str(tmp_path / "torchrun"), "--no-progress",
                "--distributed"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=180)
+    finally:  # torchrun's ranks too, should it hang
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0, stderr
     same_ledger(recorded, tmp_path / "torchrun")
     assert same_checkpoint(recorded, tmp_path / "torchrun", 12)
 
@@ -250,9 +256,16 @@ def _rank_pids(launcher: int) -> dict[int, int]:
     return ranks
 
 
+@pytest.fixture(scope="module")
+def slow_whole(tmp_path_factory):
+    """The slow program recorded by 2 processes without interruption."""
+    path = tmp_path_factory.mktemp("ddp") / "whole"
+    record(path, "slow", "--nproc", 2)
+    return path
+
+
 @pytest.mark.parametrize("victim", [1, 0])
-def test_a_rank_killed_with_minus_9_leaves_a_run_that_resumes_bit_identically(tmp_path, victim):
-    record(tmp_path / "whole", "slow", "--nproc", 2)
+def test_a_rank_killed_with_minus_9_leaves_a_run_that_resumes_bit_identically(tmp_path, victim, slow_whole):
     out = tmp_path / "killed"
     launcher = subprocess.Popen([sys.executable, "-m", "replay.cli", "record", f"{PROGRAMS}:slow", "--out", str(out),
                                  "--nproc", "2", "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
@@ -285,8 +298,8 @@ def test_a_rank_killed_with_minus_9_leaves_a_run_that_resumes_bit_identically(tm
         refused = replay_cli("resume", out, *wrong, "--no-progress", check=False)
         assert refused.returncode == 2 and "was recorded by 2 processes" in refused.stderr, refused.stderr
     replay_cli("resume", out, "--nproc", 2, "--no-progress")
-    same_ledger(tmp_path / "whole", out)
-    assert same_checkpoint(tmp_path / "whole", out, 24)
+    same_ledger(slow_whole, out)
+    assert same_checkpoint(slow_whole, out, 24)
 
 
 # ------------------------------------------------------------ the arithmetic by hand ----
@@ -320,3 +333,28 @@ def test_the_state_after_a_step_is_the_sum_of_the_ranks_gradients_in_rank_order(
             assert torch.equal(bits(expected), bits(after[name])), name
     finally:
         torch.set_num_threads(threads)
+
+
+# -------------------------------------------------------------------------- CUDA ----
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("transport", ["gloo", pytest.param("nccl", marks=pytest.mark.multi_gpu)])
+def test_cuda_ranks_record_verify_and_fork(tmp_path, transport):
+    """Two ranks on CUDA (tools/gpu_check.sh): with nccl (a GPU per rank) and with gloo staging
+    the CUDA tensors through the host (both ranks on one GPU). Replicated every step, verified,
+    a placebo fork equal to its parent."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if transport == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("nccl needs a GPU per rank: 2 GPUs")
+    env = {"REPLAY_CUDA_COLLECTIVES": transport}
+    record(tmp_path / "cuda", "mlp", "--device", "cuda", "--nproc", 2, env=env)
+    table = rows(tmp_path / "cuda")
+    assert len(table) == 12 and all(r.rank_digests == [r.digest] * 2 for r in table)
+    result = replay_cli("verify", tmp_path / "cuda", "--nproc", 2, "--no-progress", env=env)
+    assert result.stdout.startswith("OK"), result.stdout
+    replay_cli("fork", tmp_path / "cuda", "--at", 5, "--perturb", "placebo", "--out", tmp_path / "placebo",
+               "--nproc", 2, "--no-progress", env=env)
+    parent = {r.step: r.digest for r in table}
+    assert all(r.digest == parent[r.step] for r in rows(tmp_path / "placebo"))
