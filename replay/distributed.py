@@ -182,39 +182,84 @@ class World:
         return torch.stack(rows)
 
     def sum_gradients(self, parameters) -> None:
-        """Every rank's gradients summed in rank order (((g0 + g1) + g2) + ...), on every rank:
-        one flat buffer per (device, dtype), in parameter order. A parameter with a gradient on
-        some rank and none on another counts as zeros there; one with none anywhere stays None."""
+        """Every rank's gradients summed in rank order (((g0 + g1) + g2) + ...), on every rank,
+        in one all_gather per (device, dtype): the gradients of the parameters that require one,
+        flat in parameter order (zeros for a missing one), then a flag per parameter, 1 where
+        this rank has a gradient (exact in any float dtype). A parameter with a gradient on some
+        rank counts as zeros where it has none; one with none on any rank stays None."""
         import torch.distributed as dist
 
-        parameters = [p for p in parameters if p.requires_grad]
-        has = torch.tensor([p.grad is not None for p in parameters], dtype=torch.int64)
-        has = self.all_gather_int64(has).amax(dim=0).tolist()
         groups: dict[tuple, list[torch.nn.Parameter]] = {}
-        for p, present in zip(parameters, has):
-            if present:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                groups.setdefault((str(p.grad.device), p.grad.dtype), []).append(p)
+        for p in parameters:
+            if p.requires_grad:
+                groups.setdefault((str(p.device), p.dtype), []).append(p)
         for members in groups.values():
-            flat = torch.cat([p.grad.reshape(-1) for p in members])
+            pieces = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                      for p in members]
+            present = torch.tensor([p.grad is not None for p in members], dtype=members[0].dtype,
+                                   device=members[0].device)
+            flat = torch.cat(pieces + [present])
             parts = [torch.empty_like(flat) for _ in range(self.size)]
             dist.all_gather(parts, flat, group=self._group_for(flat))
             total = parts[0]
             for part in parts[1:]:
-                total.add_(part)
+                total.add_(part)  # the flags too: their sum counts the ranks with a gradient
+            counts = total[-len(members):].tolist()
             offset = 0
-            for p in members:
-                n = p.grad.numel()
-                p.grad.copy_(total[offset:offset + n].view_as(p.grad))
+            for p, count in zip(members, counts):
+                n = p.numel()
+                if count:
+                    if p.grad is None:
+                        p.grad = torch.empty_like(p)
+                    p.grad.copy_(total[offset:offset + n].view_as(p.grad))
                 offset += n
 
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
-        """Rank 0's buffers (BatchNorm statistics, ...) in `module`, on every rank."""
+        """Rank 0's buffers (BatchNorm statistics, ...) in `module`, on every rank: one
+        broadcast per (device, dtype), in the order of named_buffers."""
         import torch.distributed as dist
 
-        for _, buffer in sorted(module.named_buffers(), key=lambda item: item[0]):
-            dist.broadcast(buffer.data, 0, group=self._group_for(buffer))
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for _, buffer in module.named_buffers():
+            groups.setdefault((str(buffer.device), buffer.dtype), []).append(buffer)
+        for members in groups.values():
+            flat = torch.cat([b.detach().reshape(-1) for b in members])
+            dist.broadcast(flat, 0, group=self._group_for(flat))
+            if not self.leader:
+                offset = 0
+                for b in members:
+                    b.data.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+
+    # ------------------------------------------------------------------- commands ----
+
+    def send_command(self, kind: str, step: int = 0, payload: bytes = b"") -> None:
+        """Rank 0: one broadcast of (command, step, payload length), then the payload if any."""
+        import torch.distributed as dist
+
+        dist.broadcast(torch.tensor([_COMMANDS[kind], step, len(payload)], dtype=torch.int64), 0)
+        if payload:
+            dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0)
+
+    def receive_command(self) -> tuple[str, int, bytes]:
+        """Ranks > 0: the command rank 0 sent (its name, step and payload)."""
+        import torch.distributed as dist
+
+        header = torch.zeros(3, dtype=torch.int64)
+        dist.broadcast(header, 0)
+        code, step, length = header.tolist()
+        payload = b""
+        if length:
+            buffer = torch.empty(length, dtype=torch.uint8)
+            dist.broadcast(buffer, 0)
+            payload = bytes(buffer.numpy())
+        kinds = {v: k for k, v in _COMMANDS.items()}
+        if code not in kinds:
+            raise DistributedError(f"rank {self.rank}: unknown command {code} from rank 0")
+        return kinds[code], step, payload
+
+
+_COMMANDS = {"step": 1, "engine": 2, "exit": 3}
 
 
 _current: World | None = None
@@ -240,19 +285,21 @@ def _signed(value: int) -> int:
 
 
 def gather_step(world: World, fps: dict[str, dict[str, int]], digest: int, loss: float | None):
-    """Every rank's fingerprints after a step, gathered on every rank: (the global batch's loss:
+    """Every rank's fingerprints after a step, compared on every rank: (the global batch's loss:
     the ranks' weighted shares summed in rank order, every rank's digest, per rank whose state
-    differs from rank 0's the differing tensors by component)."""
+    differs from rank 0's the differing tensors by component). One all_gather of each rank's
+    digest and loss; only when a digest differs, a second of every tensor's fingerprint, to
+    name them."""
     import struct
 
     from .engine import _json_hash
 
     names = sorted((c, n) for c, entries in fps.items() for n in entries)
     loss_bits = 0 if loss is None else struct.unpack("<q", struct.pack("<d", loss))[0]
-    header = torch.tensor([len(names), _signed(_json_hash(names)), _signed(digest), int(loss is not None), loss_bits],
+    header = torch.tensor([_signed(digest), len(names), _signed(_json_hash(names)), int(loss is not None), loss_bits],
                           dtype=torch.int64)
     headers = world.all_gather_int64(header)
-    rank_digests = [v % _U64 for v in headers[:, 2].tolist()]
+    rank_digests = [v % _U64 for v in headers[:, 0].tolist()]
     losses = [struct.unpack("<d", struct.pack("<q", b))[0] if has else None
               for has, b in zip(headers[:, 3].tolist(), headers[:, 4].tolist())]
     total = None
@@ -260,19 +307,24 @@ def gather_step(world: World, fps: dict[str, dict[str, int]], digest: int, loss:
         total = losses[0]
         for v in losses[1:]:
             total += v
-    length = int(headers[:, 0].max())
+    differences: dict[int, dict[str, list[str]]] = {}
+    if len(set(rank_digests)) == 1:
+        return total, rank_digests, differences
+    length = int(headers[:, 1].max())
     values = torch.zeros(length, dtype=torch.int64)
     values[:len(names)] = torch.tensor([_signed(fps[c][n]) for c, n in names], dtype=torch.int64)
     rows = world.all_gather_int64(values)
-    differences: dict[int, dict[str, list[str]]] = {}
     for r in range(1, world.size):
-        if headers[r, 1] != headers[0, 1] or headers[r, 0] != headers[0, 0]:
+        if headers[r, 0] == headers[0, 0]:
+            continue
+        if headers[r, 1] != headers[0, 1] or headers[r, 2] != headers[0, 2]:
             differences[r] = {"_structure": ["the ranks hold different sets of state tensors"]}
             continue
-        differ = (rows[r, :len(names)] != rows[0, :len(names)]).nonzero().flatten().tolist()
-        for i in differ:
+        for i in (rows[r, :len(names)] != rows[0, :len(names)]).nonzero().flatten().tolist():
             component, name = names[i]
             differences.setdefault(r, {}).setdefault(component, []).append(name)
+        if r not in differences:  # equal fingerprints, another digest: cannot be, but never silent
+            differences[r] = {"_digest": ["the digest differs from rank 0's"]}
     return total, rank_digests, differences
 
 
@@ -301,10 +353,10 @@ def lead_step(world: World, engine) -> None:
     """Rank 0, before each step: bring the followers' engine in line with this one (a new
     engine, or state loaded since), then tell them to run the step."""
     if world.mirrored is not engine.token or engine.state_loaded:
-        world.broadcast_json({"do": "engine", "engine": engine_description(engine)})
+        world.send_command("engine", payload=json.dumps(engine_description(engine), sort_keys=True).encode())
         world.broadcast_state(engine.state_dict())
         world.mirrored, engine.state_loaded = engine.token, False
-    world.broadcast_json({"do": "step", "step": engine.completed})
+    world.send_command("step", engine.completed)
     world.followers_waiting = False
 
 
@@ -313,7 +365,7 @@ def dismiss(world: World, code: int) -> None:
     inside a step's collectives (rank 0 failed mid-step) cannot hear it; their launcher stops
     them (`launch` does; torchrun stops the other ranks when one fails)."""
     if world.followers_waiting:
-        world.broadcast_json({"do": "exit", "code": code})
+        world.send_command("exit", code)
 
 
 # ------------------------------------------------------------------ the followers ----
@@ -329,12 +381,11 @@ def follow(world: World) -> int:
     engine = None
     try:
         while True:
-            command = world.broadcast_json()
-            what = command.get("do")
+            what, step, payload = world.receive_command()
             if what == "exit":  # rank 0's status is the command's; this rank did its part
                 return 0
             if what == "engine":
-                spec = command["engine"]
+                spec = json.loads(payload.decode())
                 if engine is not None:
                     engine.close()
                 program, _ = load_program(spec["reference"], expected_sha256=spec["sha256"])
@@ -342,13 +393,11 @@ def follow(world: World) -> int:
                 engine = Engine(program, RngContract.from_json(spec["rng"]), spec["order"],
                                 [from_spec(p) for p in spec["perturbations"]])
                 engine.load_state_dict(world.broadcast_state())
-            elif what == "step":
-                if engine is None or engine.completed != command["step"]:
-                    raise DistributedError(f"rank {world.rank}: told to run step {command['step']} "
+            else:  # a step
+                if engine is None or engine.completed != step:
+                    raise DistributedError(f"rank {world.rank}: told to run step {step} "
                                            f"with engine at {None if engine is None else engine.completed}")
                 engine.run_step()
-            else:
-                raise DistributedError(f"rank {world.rank}: unknown command {command!r}")
     finally:
         if engine is not None:
             engine.close()

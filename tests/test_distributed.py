@@ -165,6 +165,15 @@ def test_batchnorm_and_micro_batches_replay(tmp_path):
     assert result.stdout.startswith("OK"), result.stdout
 
 
+def test_data_loader_workers_build_each_ranks_share(tmp_path):
+    """Program.workers under 2 ranks: each rank's workers build its share of every batch, the
+    bits of building it in the rank itself."""
+    record(tmp_path / "w0", "jitter_workers_0", "--nproc", 2)
+    record(tmp_path / "w1", "jitter_workers_1", "--nproc", 2)
+    same_ledger(tmp_path / "w0", tmp_path / "w1")
+    assert same_checkpoint(tmp_path / "w0", tmp_path / "w1", 8)
+
+
 def test_one_process_launched_equals_a_plain_recording(tmp_path):
     """A world of one: rank 0 draws the one-process streams and nothing is summed, so `--nproc 1`
     is a plain recording (with one thread, as the launcher sets)."""

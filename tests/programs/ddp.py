@@ -86,3 +86,22 @@ def linear_model():
 linear = replay.Program(model=linear_model, dataset=(x_train, y_train), loss=F.cross_entropy,
                         optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
                         batch_size=31, steps=2, checkpoint_every=1)
+
+
+class _Jittered(torch.utils.data.Dataset):
+    """Digits with noise drawn in __getitem__ (from the example's own seed)."""
+
+    def __len__(self):
+        return len(x_train)
+
+    def __getitem__(self, i):
+        return x_train[i] + 0.1 * torch.randn(64), y_train[i]
+
+
+def _jittered(workers):
+    return replay.Program(model=mlp_model, dataset=_Jittered(), loss=F.cross_entropy, workers=workers,
+                          batch_size=30, steps=8, checkpoint_every=4)
+
+
+jitter_workers_0 = _jittered(0)
+jitter_workers_1 = _jittered(1)
