@@ -35,8 +35,10 @@ def step(ctx: replay.StepContext):
     x = augment(x, ctx.generators["augment"])
     ctx.model.train()
     ctx.optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(ctx.model(x), y)
+    # This rank's share of the batch's loss (all of it in one process: the factor is 1.0)
+    loss = F.cross_entropy(ctx.model(x), y) * (len(ctx.ids) / len(ctx.global_ids))
     loss.backward()
+    ctx.synchronize_ranks()  # several processes (--nproc N): the ranks' gradients summed; nothing in one
     ctx.optimizer.step()
     return {"loss": loss}
 

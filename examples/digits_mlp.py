@@ -33,8 +33,11 @@ def step(ctx: replay.StepContext):
         target = F.softmax(teacher(x), dim=1)
     supervised = F.cross_entropy(logits, y)
     consistency = F.mse_loss(F.softmax(logits, dim=1), target)
-    loss = supervised + 0.5 * consistency
+    # This rank's share of the batch's loss (all of it in one process: the factor is 1.0); with
+    # --nproc N the ranks' gradients, and the losses in the ledger, add up to the batch's.
+    loss = (supervised + 0.5 * consistency) * (len(ctx.ids) / len(ctx.global_ids))
     loss.backward()
+    ctx.synchronize_ranks()  # several processes: the ranks' gradients summed; nothing in one
     ctx.optimizer.step()
     ctx.ema.update()
     return {"loss": loss, "supervised": supervised, "consistency": consistency}

@@ -73,8 +73,9 @@ class StepContext:
         default step does): in a run of several processes, every rank's gradients are summed in
         rank order and rank 0's buffers (BatchNorm statistics) taken, so that every rank holds
         the same bits (replay.distributed). Weight each rank's loss by len(ctx.ids) /
-        len(ctx.global_ids) so that the sum is the whole batch's gradient. Nothing happens in
-        one process; a custom step run on several that never calls it is stopped."""
+        len(ctx.global_ids) so that the sum is the whole batch's gradient, and return that
+        weighted loss: the ledger's loss is the ranks' sum. Nothing happens in one process (and
+        the weight is 1.0); a custom step run on several that never calls it is stopped."""
         if self.ranks_synchronized:
             raise RuntimeError("ctx.synchronize_ranks() was already called in this step")
         self.ranks_synchronized = True
