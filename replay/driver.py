@@ -200,7 +200,8 @@ def check_world_size(run: RunDir) -> None:
     if recorded is None:
         raise DistributedError(f"{run.path} was recorded by one process; replay, resume and fork it the same way "
                                f"(without --nproc or --distributed), not by {now}")
-    how = f"--nproc {recorded} (or torchrun --nproc-per-node {recorded} ... --distributed)"
+    how = (f"--nproc {recorded} (or torchrun --nproc-per-node {recorded} ... --distributed): verify, resume "
+           "and fork take it; check, trace and forget run one process and cannot replay such a run")
     got = "one process" if now is None else f"a world of {now}"
     raise DistributedError(f"{run.path} was recorded by {recorded} processes (world size {recorded}) and would be "
                            f"run by {got}: each rank's share of a batch, its random draws and the order of the "

@@ -70,6 +70,11 @@ class RecordSession:
         """Record the run; `observe(engine)` is called after every step."""
         dropped = dropped_from_start(self.drop_examples)
         engine = Engine(self.program, Engine.contract_for(self.program), None, dropped)
+        if engine.world is not None and self.program.batch_size < engine.world.size:
+            from .distributed import DistributedError
+
+            raise DistributedError(f"a batch of {self.program.batch_size} example(s) cannot be shared out across "
+                                   f"{engine.world.size} processes: every rank needs at least one")
         for p in dropped:  # before the run directory exists: a refused id leaves nothing behind
             p.check(engine)
         if observe is not None:

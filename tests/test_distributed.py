@@ -137,6 +137,18 @@ def test_another_world_size_is_refused(recorded, command, nproc, tmp_path):
     assert not (tmp_path / "child").exists()
 
 
+def test_commands_without_nproc_say_so(recorded):
+    result = replay_cli("check", recorded, "--at", 4, "--steps", 1, check=False)
+    assert result.returncode == 2 and "check, trace and forget run one process" in result.stderr, result.stderr
+
+
+def test_a_batch_smaller_than_the_world_is_refused_before_the_run_exists(tmp_path):
+    result = replay_cli("record", f"{PROGRAMS}:one_example", "--out", tmp_path / "x", "--nproc", 2, "--no-progress",
+                        check=False)
+    assert result.returncode == 2 and "every rank needs at least one" in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_one_process_run_is_not_replayed_by_two(tmp_path):
     record(tmp_path / "one", "mlp", "--steps", 2)
     result = replay_cli("verify", tmp_path / "one", "--nproc", 2, "--no-progress", check=False)
@@ -162,6 +174,19 @@ def test_batchnorm_and_micro_batches_replay(tmp_path):
     record(tmp_path / "bn", "bn", "--nproc", 2)
     assert all(r.rank_digests == [r.digest] * 2 for r in rows(tmp_path / "bn"))  # rank 0's statistics on both
     result = replay_cli("verify", tmp_path / "bn", "--nproc", 2, "--no-progress")
+    assert result.stdout.startswith("OK"), result.stdout
+
+
+@pytest.mark.parametrize("program", ["fp16", "bf16_master"])
+def test_mixed_precision_ranks_replay(tmp_path, program):
+    """fp16 autocast with the GradScaler and clipping (the scaler unscales the summed gradients,
+    so every rank skips the same steps), and bf16 parameters with fp32 master weights (bf16
+    gradients exchanged)."""
+    record_args = ["record", f"tests/programs/mixed_precision.py:{program}", "--out", tmp_path / program, "--nproc", 2,
+                   "--no-progress"]
+    replay_cli(*record_args)
+    assert all(r.rank_digests == [r.digest] * 2 for r in rows(tmp_path / program))
+    result = replay_cli("verify", tmp_path / program, "--nproc", 2, "--no-progress")
     assert result.stdout.startswith("OK"), result.stdout
 
 
@@ -367,3 +392,30 @@ def test_cuda_ranks_record_verify_and_fork(tmp_path, transport):
                "--nproc", 2, "--no-progress", env=env)
     parent = {r.step: r.digest for r in table}
     assert all(r.digest == parent[r.step] for r in rows(tmp_path / "placebo"))
+
+
+def test_killing_the_launcher_leaves_no_rank_running(tmp_path):
+    launcher = subprocess.Popen([sys.executable, "-m", "replay.cli", "record", f"{PROGRAMS}:slow", "--out",
+                                 str(tmp_path / "run"), "--nproc", "2", "--no-progress"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "REPLAY_TEST_STEP_SLEEP": "0.5"})
+    try:
+        deadline = time.monotonic() + 60
+        ranks = {}
+        while len(ranks) < 2:
+            assert time.monotonic() < deadline and launcher.poll() is None
+            ranks = _rank_pids(launcher.pid)
+            time.sleep(0.05)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    def alive(pid: int) -> bool:  # a zombie (its parent, the launcher, is gone too) is not running
+        try:
+            return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in ranks.values()):
+        assert time.monotonic() < deadline, f"ranks {ranks} outlived their launcher"
+        time.sleep(0.05)

@@ -105,3 +105,7 @@ def _jittered(workers):
 
 jitter_workers_0 = _jittered(0)
 jitter_workers_1 = _jittered(1)
+
+# One example a step: too few for two ranks.
+one_example = replay.Program(model=mlp_model, dataset=(x_train, y_train), loss=F.cross_entropy,
+                             batch_size=1, steps=2, checkpoint_every=1)
