@@ -779,7 +779,7 @@ def _distributed_flags(p) -> None:
 def _dispatch(args, raw: list[str]) -> int:
     nproc = getattr(args, "nproc", None)
     if nproc is not None:
-        from .distributed import launch
+        from .launch import launch
 
         if args.distributed:
             raise ValueError("--nproc starts the processes, --distributed joins processes a launcher started: give one")

@@ -1,5 +1,5 @@
 """Runs of several processes (torch.distributed). `replay record|resume|verify|fork --nproc N`
-starts N processes on this machine (`launch`); `--distributed` joins a world that torchrun or
+starts N processes on this machine (replay/launch.py); `--distributed` joins a world that torchrun or
 another launcher started (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; `World.from_environment`).
 
 How a step runs in a world of N ranks (the engine's part is in engine.py):
@@ -34,11 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -46,7 +41,7 @@ import torch
 
 from .store import RunError
 
-__all__ = ["DistributedError", "RankDivergence", "World", "current", "follow", "launch", "shard_bounds"]
+__all__ = ["DistributedError", "RankDivergence", "World", "current", "follow", "shard_bounds"]
 
 ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # A collective that waits longer than this has lost a peer (rank 0 reading a large run may keep
@@ -401,113 +396,3 @@ def follow(world: World) -> int:
     finally:
         if engine is not None:
             engine.close()
-
-
-# ------------------------------------------------------------------------ launching ----
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In a rank, before it runs: on Linux, be killed when the launcher dies (kill -9 of the
-    launcher leaves no rank running on, writing a run nobody waits for)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-
-def without_nproc(argv: list[str]) -> list[str]:
-    """The command line with `--nproc N` (or `--nproc=N`) taken out."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
-
-
-def launch(argv: list[str], nproc: int) -> int:
-    """Run `replay ARGV --distributed` as `nproc` processes on this machine (gloo over
-    127.0.0.1) and return rank 0's exit status. When one process dies (killed, or an error on a
-    rank other than 0), the others are stopped: they would wait for it forever. Each rank runs
-    with OMP_NUM_THREADS=1 unless it is set (as torchrun does): the thread count is part of the
-    recorded environment, so a replay must use the same."""
-    if not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"--nproc {nproc!r}: must be a positive int")
-    port = _free_port()
-    processes = []
-    for rank in range(nproc):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        env.setdefault("OMP_NUM_THREADS", "1")
-        command = [sys.executable, "-m", "replay.cli", *without_nproc(argv), "--distributed"]
-        # A follower's errors are shown only when its failure is the one reported: an error every
-        # rank meets (a refused input) is rank 0's to report, once.
-        processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
-                                          stderr=None if rank == 0 else subprocess.PIPE,
-                                          preexec_fn=_die_with_parent))
-    errors = {rank: [] for rank in range(1, nproc)}
-    readers = [threading.Thread(target=lambda p=p, sink=errors[r]: sink.append(p.stderr.read()), daemon=True)
-               for r, p in enumerate(processes) if r > 0]
-    for reader in readers:
-        reader.start()
-    interrupted = False
-    failed: list[int] = []
-    try:
-        while True:
-            codes = [p.poll() for p in processes]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if codes[0] is not None or failed:
-                break
-            time.sleep(0.05)
-        # Rank 0 done (its followers exit on its word) or another rank failed (rank 0 fails soon
-        # after, or waits for it forever): give them a moment, then stop them.
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline and any(p.poll() is None for p in processes):
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        killed = set()
-        for rank, p in enumerate(processes):
-            if p.poll() is None:
-                p.kill()
-                killed.add(rank)
-        for p in processes:
-            p.wait()
-        for reader in readers:
-            reader.join(timeout=5)
-    codes = [p.returncode for p in processes]
-
-    def show(rank: int) -> None:
-        text = b"".join(errors.get(rank, [])).decode(errors="replace")
-        if text:
-            sys.stderr.write(text if text.endswith("\n") else text + "\n")
-
-    if interrupted:
-        return 130
-    if failed and 0 not in failed:  # another rank died first: rank 0 failed for it or waited for it
-        bad = failed[0]
-        show(bad)
-        print(f"replay: error: rank {bad} of {nproc} exited with status {codes[bad]}; the other ranks "
-              "were stopped (a recording stays resumable: `replay resume RUN --nproc "
-              f"{nproc}`)", file=sys.stderr)
-        return 1
-    if codes[0] == 0 and any(codes[1:]):
-        bad = next(r for r in range(1, nproc) if codes[r])
-        show(bad)
-        print(f"replay: error: rank {bad} of {nproc} exited with status {codes[bad]}", file=sys.stderr)
-        return 1
-    return codes[0] if codes[0] >= 0 else 128 - codes[0]

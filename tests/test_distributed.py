@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from replay.distributed import shard_bounds, without_nproc
+from replay.distributed import shard_bounds
+from replay.launch import without_nproc
 from replay.rng import RngContract
 from replay.store import RunDir
 
@@ -211,7 +212,7 @@ def test_one_process_launched_equals_a_plain_recording(tmp_path):
 
 def test_torchrun_distributed_equals_nproc(recorded, tmp_path):
     """`--distributed` under torchrun records the same bits as `--nproc 2`."""
-    from replay.distributed import _free_port
+    from replay.launch import _free_port
 
     port = _free_port()  # torchrun's --master-port 0 leaves the ranks waiting for each other
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
