@@ -3,6 +3,7 @@ with InfoNCE against an EMA teacher (the key encoder) and a queue of past keys w
 pointer, kept as an extra stateful component.
 
     replay record examples/contrastive.py:program --seed 1 --steps 200 --out runs/moco
+    replay record examples/contrastive.py:program --steps 200 --out runs/moco2 --nproc 2
 """
 
 import torch
@@ -58,12 +59,14 @@ def step(ctx: replay.StepContext):
     positives = (queries * keys).sum(dim=1, keepdim=True)
     negatives = queries @ queue.keys.T
     logits = torch.cat([positives, negatives], dim=1) / TEMPERATURE
-    loss = F.cross_entropy(logits, torch.zeros(x.shape[0], dtype=torch.long))
+    # This rank's share of the batch's loss (all of it in one process: the factor is 1.0)
+    loss = F.cross_entropy(logits, torch.zeros(x.shape[0], dtype=torch.long)) * (len(ctx.ids) / len(ctx.global_ids))
     ctx.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    ctx.synchronize_ranks()  # several processes (--nproc N): the ranks' gradients summed; nothing in one
     ctx.optimizer.step()
     ctx.ema.update()
-    queue.push(keys)
+    queue.push(ctx.gather_ranks(keys))  # every rank's keys, in rank order: one queue on every rank
     return {"loss": loss}
 
 

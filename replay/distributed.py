@@ -176,6 +176,18 @@ class World:
         dist.all_gather(rows, values)
         return torch.stack(rows)
 
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` concatenated along dim 0 in rank order, on every rank (the
+        ranks' row counts may differ; the other dimensions must agree)."""
+        import torch.distributed as dist
+
+        rows = self.all_gather_int64(torch.tensor([tensor.shape[0]], dtype=torch.int64))[:, 0].tolist()
+        padded = torch.zeros((max(rows), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        padded[:tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self._group_for(padded))
+        return torch.cat([part[:n] for part, n in zip(parts, rows)])
+
     def sum_gradients(self, parameters) -> None:
         """Every rank's gradients summed in rank order (((g0 + g1) + g2) + ...), on every rank,
         in one all_gather per (device, dtype): the gradients of the parameters that require one,

@@ -68,6 +68,16 @@ class StepContext:
         if self.global_ids is None:
             self.global_ids = self.ids
 
+    def gather_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` (rows: dim 0) concatenated in rank order, on every rank; the
+        tensor itself in one process. For state every rank must update alike from every rank's
+        examples, as a MoCo key queue enqueues the keys of the whole batch
+        (examples/contrastive.py): replicated state, which the ranks' fingerprints check. No
+        gradient flows through it."""
+        if self.world is None or self.world.size == 1:
+            return tensor
+        return self.world.gather_rows(tensor.detach())
+
     def synchronize_ranks(self) -> None:
         """Call once after the step's backward passes, before clipping and the optimizer step (the
         default step does): in a run of several processes, every rank's gradients are summed in

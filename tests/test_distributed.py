@@ -191,6 +191,21 @@ def test_mixed_precision_ranks_replay(tmp_path, program):
     assert result.stdout.startswith("OK"), result.stdout
 
 
+def test_a_queue_filled_from_every_ranks_keys_stays_replicated(tmp_path):
+    """examples/contrastive.py (MoCo): each rank enqueues ctx.gather_ranks(keys), the keys of the
+    whole batch in rank order, so the queue is the same on every rank and moves by the global
+    batch each step."""
+    replay_cli("record", "examples/contrastive.py:program", "--out", tmp_path / "moco", "--steps", 6, "--nproc", 2,
+               "--no-progress")
+    table = rows(tmp_path / "moco")
+    assert all(r.rank_digests == [r.digest] * 2 for r in table)
+    with RunDir.open(tmp_path / "moco") as run:
+        queue = run.load_checkpoint(6)["components"]["queue"]
+    assert queue["pointer"] == 6 * 64 % 256
+    result = replay_cli("verify", tmp_path / "moco", "--nproc", 2, "--no-progress")
+    assert result.stdout.startswith("OK"), result.stdout
+
+
 def test_data_loader_workers_build_each_ranks_share(tmp_path):
     """Program.workers under 2 ranks: each rank's workers build its share of every batch, the
     bits of building it in the rank itself."""
