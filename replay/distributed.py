@@ -85,7 +85,11 @@ class World:
 
     @classmethod
     def from_environment(cls) -> "World":
-        """Join the world a launcher started (torchrun, or `launch`): gloo over TCP."""
+        """This process's place in the world a launcher started (torchrun, or `--nproc`). The
+        process group (gloo over TCP) is joined with the first collective, not here: rank 0
+        builds its engine first, and a model factory that runs collectives of its own (one that
+        returns DistributedDataParallel) then fails at once instead of waiting for ranks that
+        wait for rank 0."""
         missing = [k for k in ENVIRONMENT if not os.environ.get(k)]
         if missing:
             raise DistributedError(
@@ -99,9 +103,6 @@ class World:
             raise DistributedError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
         if not 0 <= rank < size:
             raise DistributedError(f"RANK {rank} is not in [0, WORLD_SIZE {size})")
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", rank=rank, world_size=size, timeout=TIMEOUT)
         if torch.cuda.is_available():  # "cuda" means this rank's own device
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return cls(rank=rank, size=size, local_rank=local_rank)
@@ -113,6 +114,14 @@ class World:
             dist.destroy_process_group()
 
     # ---------------------------------------------------------------- collectives ----
+
+    def _dist(self):
+        """torch.distributed, with this process in the world's group (joined on first use)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=self.rank, world_size=self.size, timeout=TIMEOUT)
+        return dist
 
     def _group_for(self, tensor: torch.Tensor):
         """The group a tensor's collectives use: gloo for CPU tensors; for CUDA tensors nccl (a
@@ -131,14 +140,14 @@ class World:
         if choice == "gloo":
             return None
         if self._nccl is None:
-            import torch.distributed as dist
+            dist = self._dist()
 
             self._nccl = dist.new_group(backend="nccl")
         return self._nccl
 
     def broadcast_bytes(self, data: bytes | None) -> bytes:
         """Rank 0's bytes, on every rank (others pass None)."""
-        import torch.distributed as dist
+        dist = self._dist()
 
         length = torch.tensor([len(data) if self.leader else 0], dtype=torch.int64)
         dist.broadcast(length, 0)
@@ -170,7 +179,7 @@ class World:
 
     def all_gather_int64(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's int64 vector (the same length on every rank), as rows in rank order."""
-        import torch.distributed as dist
+        dist = self._dist()
 
         rows = [torch.empty_like(values) for _ in range(self.size)]
         dist.all_gather(rows, values)
@@ -179,7 +188,7 @@ class World:
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's `tensor` concatenated along dim 0 in rank order, on every rank (the
         ranks' row counts may differ; the other dimensions must agree)."""
-        import torch.distributed as dist
+        dist = self._dist()
 
         rows = self.all_gather_int64(torch.tensor([tensor.shape[0]], dtype=torch.int64))[:, 0].tolist()
         padded = torch.zeros((max(rows), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
@@ -194,7 +203,7 @@ class World:
         flat in parameter order (zeros for a missing one), then a flag per parameter, 1 where
         this rank has a gradient (exact in any float dtype). A parameter with a gradient on some
         rank counts as zeros where it has none; one with none on any rank stays None."""
-        import torch.distributed as dist
+        dist = self._dist()
 
         groups: dict[tuple, list[torch.nn.Parameter]] = {}
         for p in parameters:
@@ -224,7 +233,7 @@ class World:
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         """Rank 0's buffers (BatchNorm statistics, ...) in `module`, on every rank: one
         broadcast per (device, dtype), in the order of named_buffers."""
-        import torch.distributed as dist
+        dist = self._dist()
 
         groups: dict[tuple, list[torch.Tensor]] = {}
         for _, buffer in module.named_buffers():
@@ -238,11 +247,16 @@ class World:
                     b.data.copy_(flat[offset:offset + b.numel()].view_as(b))
                     offset += b.numel()
 
+    def barrier(self) -> None:
+        """Every rank here before any goes on: at the end, so that no rank tears its connections
+        down while another still reads the last command."""
+        self._dist().barrier()
+
     # ------------------------------------------------------------------- commands ----
 
     def send_command(self, kind: str, step: int = 0, payload: bytes = b"") -> None:
         """Rank 0: one broadcast of (command, step, payload length), then the payload if any."""
-        import torch.distributed as dist
+        dist = self._dist()
 
         dist.broadcast(torch.tensor([_COMMANDS[kind], step, len(payload)], dtype=torch.int64), 0)
         if payload:
@@ -250,7 +264,7 @@ class World:
 
     def receive_command(self) -> tuple[str, int, bytes]:
         """Ranks > 0: the command rank 0 sent (its name, step and payload)."""
-        import torch.distributed as dist
+        dist = self._dist()
 
         header = torch.zeros(3, dtype=torch.int64)
         dist.broadcast(header, 0)
@@ -373,6 +387,7 @@ def dismiss(world: World, code: int) -> None:
     them (`launch` does; torchrun stops the other ranks when one fails)."""
     if world.followers_waiting:
         world.send_command("exit", code)
+        world.barrier()
 
 
 # ------------------------------------------------------------------ the followers ----
@@ -390,6 +405,7 @@ def follow(world: World) -> int:
         while True:
             what, step, payload = world.receive_command()
             if what == "exit":  # rank 0's status is the command's; this rank did its part
+                world.barrier()
                 return 0
             if what == "engine":
                 spec = json.loads(payload.decode())

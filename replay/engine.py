@@ -170,7 +170,17 @@ class Engine:
         torch.manual_seed(self.contract.seed("init", 0))
         # Built on the CPU (the same initial bits on every device), then moved before the
         # optimizer, EMA and components are made from it, so their state lives there too.
-        self.model = self.program.model().to(self.device)
+        wrapped = ("Program.model must return the bare module, not a DistributedDataParallel: replay exchanges the "
+                   "gradients itself, in a fixed order (replay.distributed), where DDP's bucketed allreduce would "
+                   "add its own, with bits that change with its bucket layout")
+        try:
+            self.model = self.program.model().to(self.device)
+        except ValueError as error:  # DDP's constructor, before replay joined the process group
+            if self.world is not None and "process group has not been initialized" in str(error):
+                raise distributed.DistributedError(f"{wrapped} ({error})") from error
+            raise
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            raise distributed.DistributedError(wrapped)
         self.optimizer = self.program.optimizer(self.model)
         self.scheduler = self.program.scheduler(self.optimizer) if self.program.scheduler else None
         self.ema = EMA(self.model, self.program.ema_decay) if self.program.ema_decay is not None else None

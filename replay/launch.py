@@ -105,16 +105,21 @@ def launch(argv: list[str], nproc: int) -> int:
 
     if interrupted:
         return 130
+    if codes[0] == 0 and 0 not in killed:
+        # Rank 0 completed the command, every collective of it included: every other rank took
+        # part to the end, so the result stands; a rank that failed afterwards (tearing down its
+        # connections) is said, not counted.
+        for rank in range(1, nproc):
+            if codes[rank]:
+                show(rank)
+                print(f"replay: warning: rank {rank} of {nproc} exited with status {codes[rank]} after the command "
+                      "completed on rank 0 (the result is complete)", file=sys.stderr)
+        return 0
     if failed and 0 not in failed:  # another rank died first: rank 0 failed for it or waited for it
         bad = failed[0]
         show(bad)
         print(f"replay: error: rank {bad} of {nproc} exited with status {codes[bad]}; the other ranks "
               "were stopped (a recording stays resumable: `replay resume RUN --nproc "
               f"{nproc}`)", file=sys.stderr)
-        return 1
-    if codes[0] == 0 and any(codes[1:]):
-        bad = next(r for r in range(1, nproc) if codes[r])
-        show(bad)
-        print(f"replay: error: rank {bad} of {nproc} exited with status {codes[bad]}", file=sys.stderr)
         return 1
     return codes[0] if codes[0] >= 0 else 128 - codes[0]

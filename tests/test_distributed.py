@@ -265,6 +265,13 @@ def test_ranks_whose_states_part_stop_the_recording_naming_the_rank(tmp_path):
     assert [r.step for r in rows(tmp_path / "drift")] == [0, 1, 2]
 
 
+def test_a_model_wrapped_in_distributed_data_parallel_is_refused(tmp_path):
+    result = replay_cli("record", f"{PROGRAMS}:ddp_wrapped", "--out", tmp_path / "w", "--nproc", 2, "--no-progress",
+                        check=False)
+    assert result.returncode == 2 and "not a DistributedDataParallel" in result.stderr, result.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_custom_step_that_never_synchronizes_is_stopped(tmp_path):
     result = replay_cli("record", f"{PROGRAMS}:custom_unsynced", "--out", tmp_path / "u", "--nproc", 2,
                         "--no-progress", check=False)

@@ -109,3 +109,11 @@ jitter_workers_1 = _jittered(1)
 # One example a step: too few for two ranks.
 one_example = replay.Program(model=mlp_model, dataset=(x_train, y_train), loss=F.cross_entropy,
                              batch_size=1, steps=2, checkpoint_every=1)
+
+
+def _wrapped_model():  # what replay refuses: it exchanges the gradients itself
+    return torch.nn.parallel.DistributedDataParallel(mlp_model())
+
+
+ddp_wrapped = replay.Program(model=_wrapped_model, dataset=(x_train, y_train), loss=F.cross_entropy,
+                             batch_size=30, steps=2, checkpoint_every=1)
