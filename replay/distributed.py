@@ -147,14 +147,18 @@ class World:
 
     def broadcast_bytes(self, data: bytes | None) -> bytes:
         """Rank 0's bytes, on every rank (others pass None)."""
-        dist = self._dist()
-
         length = torch.tensor([len(data) if self.leader else 0], dtype=torch.int64)
-        dist.broadcast(length, 0)
-        buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.leader and data
-                  else torch.empty(int(length.item()), dtype=torch.uint8))
-        if buffer.numel():
-            dist.broadcast(buffer, 0)
+        self._dist().broadcast(length, 0)
+        return self._broadcast_payload(data, int(length.item()))
+
+    def _broadcast_payload(self, data: bytes | None, length: int) -> bytes:
+        """Rank 0's `length` bytes `data` on every rank, their length already known to all (none
+        sent when it is 0)."""
+        if not length:
+            return b""
+        buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.leader
+                  else torch.empty(length, dtype=torch.uint8))
+        self._dist().broadcast(buffer, 0)
         return data if self.leader else bytes(buffer.numpy())
 
     def broadcast_json(self, obj=None):
@@ -256,24 +260,15 @@ class World:
 
     def send_command(self, kind: str, step: int = 0, payload: bytes = b"") -> None:
         """Rank 0: one broadcast of (command, step, payload length), then the payload if any."""
-        dist = self._dist()
-
-        dist.broadcast(torch.tensor([_COMMANDS[kind], step, len(payload)], dtype=torch.int64), 0)
-        if payload:
-            dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0)
+        self._dist().broadcast(torch.tensor([_COMMANDS[kind], step, len(payload)], dtype=torch.int64), 0)
+        self._broadcast_payload(payload, len(payload))
 
     def receive_command(self) -> tuple[str, int, bytes]:
         """Ranks > 0: the command rank 0 sent (its name, step and payload)."""
-        dist = self._dist()
-
         header = torch.zeros(3, dtype=torch.int64)
-        dist.broadcast(header, 0)
+        self._dist().broadcast(header, 0)
         code, step, length = header.tolist()
-        payload = b""
-        if length:
-            buffer = torch.empty(length, dtype=torch.uint8)
-            dist.broadcast(buffer, 0)
-            payload = bytes(buffer.numpy())
+        payload = self._broadcast_payload(None, length)
         kinds = {v: k for k, v in _COMMANDS.items()}
         if code not in kinds:
             raise DistributedError(f"rank {self.rank}: unknown command {code} from rank 0")

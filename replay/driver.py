@@ -291,8 +291,7 @@ class Divergence:
             lines.append(f"  {component}: {_shown(names)}")
         for rank, parts in sorted(self.ranks.items()):
             if parts:
-                lines.append(f"  rank {rank}: its state differs from rank 0's in "
-                             + "; ".join(f"{c}: {_shown(n)}" for c, n in sorted(parts.items())))
+                lines.append(f"  rank {rank}: its state differs from rank 0's in {_shown_parts(parts)}")
             else:
                 lines.append(f"  rank {rank}: its digest differs from the recorded one")
         if self.loss is not None:
@@ -302,6 +301,11 @@ class Divergence:
 
 def _shown(names: list[str]) -> str:
     return ", ".join(names[:8]) + (f", ... ({len(names)} tensors)" if len(names) > 8 else "")
+
+
+def _shown_parts(parts: dict[str, list[str]]) -> str:
+    """Tensors by component: "model: a, b; optimizer: c"."""
+    return "; ".join(f"{c}: {_shown(n)}" for c, n in sorted(parts.items()))
 
 
 def compare_fingerprints(recorded: dict[str, dict[str, int]], replayed: dict[str, dict[str, int]]) -> dict[str, list[str]]:
@@ -460,8 +464,7 @@ def _record_steps(run: RunDir, engine: Engine, total: int, progress: bool, obser
                 run.ledger.append_steps(pending)
                 pending = []
                 raise RankDivergence(f"{run.path}: after step {record.step} " + "; ".join(
-                    f"rank {rank}'s state differs from rank 0's in "
-                    + "; ".join(f"{c}: {_shown(n)}" for c, n in sorted(parts.items()))
+                    f"rank {rank}'s state differs from rank 0's in {_shown_parts(parts)}"
                     for rank, parts in sorted(record.rank_differences.items()))
                     + " (replicated state that disagrees across ranks; the recording stops here)")
             if observe is not None:

@@ -280,9 +280,13 @@ class Engine:
         starting = [p for p in self.perturbations if t == p.start]
         for p in starting:
             p.check(self)
+        # The plan is a pure function of the step (applying a perturbation does not change it),
+        # made once: rank 0 refuses too small a batch before the other ranks start the step.
+        plan = self.batch_plan(t)
+        global_ids = list(plan.ids)
+        plan = self.rank_share(plan)
+        ids = list(plan.ids)
         if world is not None and world.leader:
-            if world.size > 1:
-                self.rank_share(self.batch_plan(t))  # too small a batch: refused before the others start
             distributed.lead_step(world, self)
         mid_step: dict[int, list] = {}  # micro-batch index -> perturbations applied just before it
         for p in starting:
@@ -291,10 +295,6 @@ class Engine:
             else:
                 mid_step.setdefault(p.micro_step, []).append(p)
         active = [p for p in self.perturbations if p.start <= t < p.end]
-        plan = self.batch_plan(t)
-        global_ids = list(plan.ids)
-        plan = self.rank_share(plan)
-        ids = list(plan.ids)
         parts = micro_batch_count(self.program.accumulate, len(ids))
         for index, ps in mid_step.items():
             if index >= parts:

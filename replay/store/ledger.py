@@ -373,7 +373,7 @@ class Ledger:
         if not self._has_rank_column and any(values[-1] is not None for values in encoded):
             raise RunError(f"{self._path}: this ledger predates runs of several processes; it cannot hold per-rank digests")
         columns = f"{_STEP_COLUMNS}, {_RANK_COLUMN}" if self._has_rank_column else _STEP_COLUMNS
-        marks = ",".join("?" * (10 if self._has_rank_column else 9))
+        marks = ",".join("?" * (columns.count(",") + 1))
         with self._write() as conn:
             for values in encoded:
                 try:
